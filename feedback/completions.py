@@ -1,0 +1,94 @@
+"""The answer log: one row per answer the gateway gave, with its full provenance."""
+
+import hashlib
+import json
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from psycopg import AsyncConnection
+from psycopg.rows import class_row
+from psycopg.types.json import Jsonb
+from pydantic import BaseModel
+
+CompletionStatus = Literal["streaming", "complete", "aborted"]
+
+
+class CompletionRecord(BaseModel):
+    """What the gateway knows about an answer; `output` and the counts come at the end."""
+
+    id: uuid.UUID
+    key_id: uuid.UUID | None
+    end_user: str | None
+    public_model: str
+    engine_model: str
+    adapter_id: uuid.UUID | None
+    adapter_sha256: str | None
+    base_model_sha256: str | None
+    messages: list[dict[str, Any]]
+    params: dict[str, Any]
+    prompt_sha256: str
+    stream: bool
+    status: CompletionStatus = "complete"
+    output: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    latency_ms: float | None = None
+
+
+class Completion(CompletionRecord):
+    created_at: datetime
+
+
+def prompt_sha256(messages: list[dict[str, Any]]) -> str:
+    """Hash of the conversation, canonicalized (sorted keys, no whitespace)."""
+    canonical = json.dumps(messages, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+_FIELDS = list(CompletionRecord.model_fields)
+_INSERT = (
+    f"INSERT INTO completions ({', '.join(_FIELDS)})"
+    f" VALUES ({', '.join(['%s'] * len(_FIELDS))})"
+)
+
+
+def _values(record: CompletionRecord) -> list[Any]:
+    values = [getattr(record, name) for name in _FIELDS]
+    values[_FIELDS.index("messages")] = Jsonb(record.messages)
+    values[_FIELDS.index("params")] = Jsonb(record.params)
+    return values
+
+
+async def insert(conn: AsyncConnection, record: CompletionRecord) -> None:
+    await conn.execute(_INSERT, _values(record))
+
+
+async def finish(
+    conn: AsyncConnection,
+    completion_id: uuid.UUID,
+    *,
+    status: CompletionStatus,
+    output: str,
+    finish_reason: str | None,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+    latency_ms: float,
+) -> None:
+    """Complete a row inserted with status 'streaming'."""
+    await conn.execute(
+        "UPDATE completions SET status = %s, output = %s, finish_reason = %s,"
+        " prompt_tokens = %s, completion_tokens = %s, latency_ms = %s WHERE id = %s",
+        (status, output, finish_reason, prompt_tokens, completion_tokens, latency_ms,
+         completion_id),
+    )
+
+
+async def get(conn: AsyncConnection, completion_id: uuid.UUID) -> Completion | None:
+    async with conn.cursor(row_factory=class_row(Completion)) as cur:
+        await cur.execute(
+            f"SELECT {', '.join(_FIELDS)}, created_at FROM completions WHERE id = %s",
+            (completion_id,),
+        )
+        return await cur.fetchone()

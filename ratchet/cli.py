@@ -1,0 +1,215 @@
+"""The `ratchet` command line.
+
+    ratchet serve [--host 127.0.0.1] [--port 8000] [--engine-url URL]
+    ratchet model prepare [--force]
+    ratchet db migrate
+    ratchet keys create --role chat|reviewer|ops [--name NAME]
+    ratchet keys revoke KEY_ID
+    ratchet keys list
+    ratchet adapters register PATH
+    ratchet adapters list
+    ratchet config
+"""
+
+import asyncio
+import json
+import logging
+import os
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import psycopg
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ratchet import keys, registry
+from ratchet.db import database_url
+from ratchet.errors import RatchetError
+from ratchet.settings import Settings
+
+T = TypeVar("T")
+app = typer.Typer(help="Ratchet: serve, learn from feedback, promote only what is better.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+model_app = typer.Typer(help="The base model.", no_args_is_help=True)
+db_app = typer.Typer(help="The database.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+adapters_app = typer.Typer(help="LoRA adapters.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
+app.add_typer(adapters_app, name="adapters")
+err = Console(stderr=True)
+
+
+@app.callback()
+def main(
+    config: Annotated[Path | None, typer.Option(help="YAML settings file.")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    if config is not None:
+        if not config.is_file():
+            raise typer.BadParameter(f"{config} does not exist", param_hint="--config")
+        os.environ["RATCHET_CONFIG"] = str(config.resolve())  # children read it too
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:  # pydantic's ValidationError
+        err.print(f"[red]Invalid settings:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def with_db(settings: Settings, work: Callable[[psycopg.AsyncConnection], Awaitable[T]]) -> T:
+    """Run `work` in one transaction on a migrated database (embedded if needed)."""
+    from feedback.migrate import migrate
+
+    async def run(url: str) -> T:
+        async with await psycopg.AsyncConnection.connect(url) as conn:
+            return await work(conn)
+
+    try:
+        with database_url(settings) as url:
+            migrate(url)
+            return asyncio.run(run(url))
+    except RatchetError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Gateway address.")] = None,
+    port: Annotated[int | None, typer.Option(help="Gateway port.")] = None,
+    engine_url: Annotated[str | None, typer.Option(
+        help="Use this running vLLM server instead of starting one.")] = None,
+) -> None:
+    """Run the gateway, and the vLLM engine unless --engine-url is given."""
+    from ratchet.serving import run_gateway
+
+    settings = load_settings(host=host, port=port, engine_url=engine_url)
+    try:
+        run_gateway(settings)
+    except RatchetError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+
+
+@app.command("config")
+def show_config() -> None:
+    """Print the effective settings, secrets masked."""
+    typer.echo(json.dumps(load_settings().public_dump(), indent=2))
+
+
+@model_app.command("prepare")
+def model_prepare(force: Annotated[bool, typer.Option(help="Convert again.")] = False) -> None:
+    """Convert the default SmolLM2 GGUF into an HF safetensors directory (once)."""
+    from ratchet.model import prepare_default
+
+    settings = load_settings()
+    if settings.base_model:
+        typer.echo(f"base_model is set to {settings.base_model}; nothing to prepare.")
+        return
+    try:
+        manifest = prepare_default(settings.default_base_model_dir, force=force)
+    except RatchetError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    typer.echo(f"base model: {settings.default_base_model_dir}")
+    typer.echo(f"weights sha256: {manifest['weights_sha256']}")
+
+
+@db_app.command("migrate")
+def db_migrate() -> None:
+    """Apply pending schema migrations (also done at every start)."""
+    from feedback.migrate import available
+
+    async def count(conn: psycopg.AsyncConnection) -> int:
+        row = await (await conn.execute("SELECT count(*) FROM schema_migrations")).fetchone()
+        return int(row[0]) if row else 0
+
+    applied = with_db(load_settings(), count)
+    typer.echo(f"schema at version {max(m.version for m in available())} "
+               f"({applied} migrations applied)")
+
+
+@keys_app.command("create")
+def keys_create(
+    role: Annotated[str, typer.Option(help="chat, reviewer or ops.")],
+    name: Annotated[str, typer.Option(help="A label for the key.")] = "",
+) -> None:
+    """Create a key and print it once, alone on the last line."""
+    if role not in keys.ROLES:
+        raise typer.BadParameter(f"must be one of {', '.join(keys.ROLES)}", param_hint="--role")
+
+    async def create(conn: psycopg.AsyncConnection) -> tuple[keys.ApiKey, str]:
+        return await keys.create_key(conn, role, name)  # type: ignore[arg-type]
+
+    key, secret = with_db(load_settings(), create)
+    typer.echo(f"created {key.role} key {key.id}; it is shown only once:")
+    typer.echo(secret)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id.")]) -> None:
+    """Revoke a key by id."""
+    try:
+        uid = uuid.UUID(key_id)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{key_id!r} is not a key id", param_hint="KEY_ID") from exc
+
+    async def revoke(conn: psycopg.AsyncConnection) -> bool:
+        return await keys.revoke(conn, uid)
+
+    if not with_db(load_settings(), revoke):
+        err.print(f"[red]no active key with id {key_id}[/red]")
+        raise typer.Exit(1)
+    typer.echo(f"revoked {key_id}")
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List keys (never their secrets)."""
+    table = Table("id", "role", "name", "created", "revoked")
+    for key in with_db(load_settings(), keys.list_keys):
+        table.add_row(str(key.id), key.role, key.name, f"{key.created_at:%Y-%m-%d %H:%M}",
+                      f"{key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "")
+    Console().print(table)
+
+
+@adapters_app.command("register")
+def adapters_register(
+    path: Annotated[Path, typer.Argument(help="A PEFT LoRA adapter directory.")],
+) -> None:
+    """Register an adapter as the new candidate; gateways load it on first use."""
+    from ratchet.model import base_model_sha256
+
+    settings = load_settings()
+    try:
+        sha, stored = registry.store_files(path, settings.adapters_dir)
+    except RatchetError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+
+    async def register(conn: psycopg.AsyncConnection) -> registry.Adapter:
+        if (known := await registry.get_by_sha(conn, sha)) is not None:
+            return known
+        return await registry.register(conn, sha, stored, base_model_sha256(settings))
+
+    adapter = with_db(settings, register)
+    typer.echo(f"{adapter.status} {adapter.engine_name} sha256={adapter.sha256}")
+
+
+@adapters_app.command("list")
+def adapters_list() -> None:
+    """List registered adapters, newest first."""
+    table = Table("engine name", "status", "sha256", "created", "path")
+    for a in with_db(load_settings(), registry.list_adapters):
+        table.add_row(a.engine_name, a.status, a.sha256[:16], f"{a.created_at:%Y-%m-%d %H:%M}",
+                      a.path)
+    Console().print(table)

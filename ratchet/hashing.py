@@ -1,0 +1,45 @@
+"""Content hashes for model and adapter directories.
+
+A directory's hash covers each file's relative name and bytes, in sorted order, so
+the same files give the same hash wherever they are copied to.
+"""
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_files(root: Path, files: Iterable[Path]) -> str:
+    """Hash of (relative name, content hash) for each file, in sorted name order."""
+    digest = hashlib.sha256()
+    for rel in sorted(f.relative_to(root).as_posix() for f in files):
+        digest.update(rel.encode() + b"\0" + sha256_file(root / rel).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """Hash of a model's weight files (safetensors, or .bin when there are none)."""
+    files = list(model_dir.glob("*.safetensors")) or list(model_dir.glob("*.bin"))
+    if not files:
+        raise FileNotFoundError(f"no weight files (*.safetensors, *.bin) in {model_dir}")
+    return sha256_files(model_dir, files)
+
+
+def adapter_sha256(adapter_dir: Path) -> str:
+    """Hash of everything that defines a PEFT adapter: its config and its weights."""
+    files = [p for p in adapter_dir.iterdir() if p.is_file() and _is_adapter_file(p.name)]
+    return sha256_files(adapter_dir, files)
+
+
+def _is_adapter_file(name: str) -> bool:
+    return name == "adapter_config.json" or name.startswith("adapter_model.")

@@ -1,0 +1,56 @@
+"""`ratchet serve`: database, migrations, engine supervisor and gateway in one process."""
+
+import logging
+import os
+from pathlib import Path
+
+import psycopg
+import uvicorn
+
+from ratchet import keys
+from ratchet.db import database_url
+from ratchet.model import ensure_base_model
+from ratchet.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def run_gateway(settings: Settings) -> None:
+    from feedback.migrate import migrate
+    from serve.app import create_app
+    from serve.supervisor import EngineSupervisor
+
+    with database_url(settings) as url:
+        migrate(url)
+        supervisor = None
+        if not settings.engine_url:
+            ensure_base_model(settings)
+            supervisor = EngineSupervisor(settings, settings.data_dir / "logs" / "engine.log")
+        app = create_app(settings, url, supervisor=supervisor)
+        engine = settings.engine_url or f"{supervisor.url} (starting; log {supervisor.log_path})"  # type: ignore[union-attr]
+        print(f"Ratchet gateway on http://{settings.host}:{settings.port}  engine: {engine}",
+              flush=True)
+        if not settings.database_url:
+            print(f"Chat key (embedded database): {dev_chat_key(settings, url)}", flush=True)
+        uvicorn.run(app, host=settings.host, port=settings.port, access_log=False,
+                    log_level=settings.log_level, timeout_graceful_shutdown=10)
+
+
+def dev_chat_key(settings: Settings, conninfo: str) -> str:
+    """A chat key for the embedded default run, kept in data_dir so restarts reuse it."""
+    import asyncio
+
+    path: Path = settings.data_dir / "chat-key"
+
+    async def get_or_create() -> str:
+        async with await psycopg.AsyncConnection.connect(conninfo) as conn:
+            if path.is_file():
+                secret = path.read_text().strip()
+                if await keys.find_active(conn, secret) is not None:
+                    return secret
+            _, secret = await keys.create_key(conn, "chat", name="embedded default run")
+        path.write_text(secret + "\n")
+        os.chmod(path, 0o600)
+        return secret
+
+    return asyncio.run(get_or_create())

