@@ -42,8 +42,15 @@ async def create(
     await conn.execute(
         "INSERT INTO comparisons (id, key_id, end_user, messages, params,"
         " completion_a, completion_b) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-        (comparison_id, key_id, end_user, Jsonb(messages), Jsonb(params),
-         completion_a, completion_b),
+        (
+            comparison_id,
+            key_id,
+            end_user,
+            Jsonb(messages),
+            Jsonb(params),
+            completion_a,
+            completion_b,
+        ),
     )
 
 

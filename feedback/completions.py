@@ -49,8 +49,7 @@ def prompt_sha256(messages: list[dict[str, Any]]) -> str:
 
 _FIELDS = list(CompletionRecord.model_fields)
 _INSERT = (
-    f"INSERT INTO completions ({', '.join(_FIELDS)})"
-    f" VALUES ({', '.join(['%s'] * len(_FIELDS))})"
+    f"INSERT INTO completions ({', '.join(_FIELDS)}) VALUES ({', '.join(['%s'] * len(_FIELDS))})"
 )
 
 
@@ -80,8 +79,15 @@ async def finish(
     await conn.execute(
         "UPDATE completions SET status = %s, output = %s, finish_reason = %s,"
         " prompt_tokens = %s, completion_tokens = %s, latency_ms = %s WHERE id = %s",
-        (status, output, finish_reason, prompt_tokens, completion_tokens, latency_ms,
-         completion_id),
+        (
+            status,
+            output,
+            finish_reason,
+            prompt_tokens,
+            completion_tokens,
+            latency_ms,
+            completion_id,
+        ),
     )
 
 

@@ -1,9 +1,9 @@
 """Errors of the feedback stage.
 
-    FeedbackError
-     ├── UnknownCompletion   a vote names a completion that was never logged
-     ├── UnknownComparison   a choice names a comparison that does not exist
-     └── AlreadyDecided      a comparison already has a different choice
+FeedbackError
+ ├── UnknownCompletion   a vote names a completion that was never logged
+ ├── UnknownComparison   a choice names a comparison that does not exist
+ └── AlreadyDecided      a comparison already has a different choice
 """
 
 from ratchet.errors import RatchetError

@@ -1,14 +1,14 @@
 """The `ratchet` command line.
 
-    ratchet serve [--host 127.0.0.1] [--port 8000] [--engine-url URL]
-    ratchet model prepare [--force]
-    ratchet db migrate
-    ratchet keys create --role chat|reviewer|ops [--name NAME]
-    ratchet keys revoke KEY_ID
-    ratchet keys list
-    ratchet adapters register PATH
-    ratchet adapters list
-    ratchet config
+ratchet serve [--host 127.0.0.1] [--port 8000] [--engine-url URL]
+ratchet model prepare [--force]
+ratchet db migrate
+ratchet keys create --role chat|reviewer|ops [--name NAME]
+ratchet keys revoke KEY_ID
+ratchet keys list
+ratchet adapters register PATH
+ratchet adapters list
+ratchet config
 """
 
 import asyncio
@@ -31,8 +31,11 @@ from ratchet.errors import RatchetError
 from ratchet.settings import Settings
 
 T = TypeVar("T")
-app = typer.Typer(help="Ratchet: serve, learn from feedback, promote only what is better.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Ratchet: serve, learn from feedback, promote only what is better.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 model_app = typer.Typer(help="The base model.", no_args_is_help=True)
 db_app = typer.Typer(help="The database.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
@@ -53,8 +56,9 @@ def main(
         if not config.is_file():
             raise typer.BadParameter(f"{config} does not exist", param_hint="--config")
         os.environ["RATCHET_CONFIG"] = str(config.resolve())  # children read it too
-    logging.basicConfig(level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -86,8 +90,9 @@ def with_db(settings: Settings, work: Callable[[psycopg.AsyncConnection], Awaita
 def serve(
     host: Annotated[str | None, typer.Option(help="Gateway address.")] = None,
     port: Annotated[int | None, typer.Option(help="Gateway port.")] = None,
-    engine_url: Annotated[str | None, typer.Option(
-        help="Use this running vLLM server instead of starting one.")] = None,
+    engine_url: Annotated[
+        str | None, typer.Option(help="Use this running vLLM server instead of starting one.")
+    ] = None,
 ) -> None:
     """Run the gateway, and the vLLM engine unless --engine-url is given."""
     from ratchet.serving import run_gateway
@@ -134,8 +139,9 @@ def db_migrate() -> None:
         return int(row[0]) if row else 0
 
     applied = with_db(load_settings(), count)
-    typer.echo(f"schema at version {max(m.version for m in available())} "
-               f"({applied} migrations applied)")
+    typer.echo(
+        f"schema at version {max(m.version for m in available())} ({applied} migrations applied)"
+    )
 
 
 @keys_app.command("create")
@@ -148,7 +154,7 @@ def keys_create(
         raise typer.BadParameter(f"must be one of {', '.join(keys.ROLES)}", param_hint="--role")
 
     async def create(conn: psycopg.AsyncConnection) -> tuple[keys.ApiKey, str]:
-        return await keys.create_key(conn, role, name)  # type: ignore[arg-type]
+        return await keys.create_key(conn, role, name)
 
     key, secret = with_db(load_settings(), create)
     typer.echo(f"created {key.role} key {key.id}; it is shown only once:")
@@ -177,8 +183,13 @@ def keys_list() -> None:
     """List keys (never their secrets)."""
     table = Table("id", "role", "name", "created", "revoked")
     for key in with_db(load_settings(), keys.list_keys):
-        table.add_row(str(key.id), key.role, key.name, f"{key.created_at:%Y-%m-%d %H:%M}",
-                      f"{key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "")
+        table.add_row(
+            str(key.id),
+            key.role,
+            key.name,
+            f"{key.created_at:%Y-%m-%d %H:%M}",
+            f"{key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "",
+        )
     Console().print(table)
 
 
@@ -210,6 +221,7 @@ def adapters_list() -> None:
     """List registered adapters, newest first."""
     table = Table("engine name", "status", "sha256", "created", "path")
     for a in with_db(load_settings(), registry.list_adapters):
-        table.add_row(a.engine_name, a.status, a.sha256[:16], f"{a.created_at:%Y-%m-%d %H:%M}",
-                      a.path)
+        table.add_row(
+            a.engine_name, a.status, a.sha256[:16], f"{a.created_at:%Y-%m-%d %H:%M}", a.path
+        )
     Console().print(table)

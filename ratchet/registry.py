@@ -99,10 +99,18 @@ async def register(
 ) -> Adapter:
     async with conn.cursor(row_factory=class_row(Adapter)) as cur:
         await cur.execute(
-            "INSERT INTO adapters (id, sha256, engine_name, path, base_model_sha256, status, source)"
+            "INSERT INTO adapters"
+            " (id, sha256, engine_name, path, base_model_sha256, status, source)"
             f" VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING {_COLUMNS}",
-            (uuid.uuid4(), sha256, engine_name_for(sha256), str(path), base_model_sha256,
-             status, source),
+            (
+                uuid.uuid4(),
+                sha256,
+                engine_name_for(sha256),
+                str(path),
+                base_model_sha256,
+                status,
+                source,
+            ),
         )
         adapter = await cur.fetchone()
     assert adapter is not None

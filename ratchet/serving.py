@@ -2,6 +2,7 @@
 
 import logging
 import os
+import signal
 from pathlib import Path
 
 import psycopg
@@ -20,6 +21,7 @@ def run_gateway(settings: Settings) -> None:
     from serve.app import create_app
     from serve.supervisor import EngineSupervisor
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per engine call otherwise
     with database_url(settings) as url:
         migrate(url)
         supervisor = None
@@ -28,12 +30,27 @@ def run_gateway(settings: Settings) -> None:
             supervisor = EngineSupervisor(settings, settings.data_dir / "logs" / "engine.log")
         app = create_app(settings, url, supervisor=supervisor)
         engine = settings.engine_url or f"{supervisor.url} (starting; log {supervisor.log_path})"  # type: ignore[union-attr]
-        print(f"Ratchet gateway on http://{settings.host}:{settings.port}  engine: {engine}",
-              flush=True)
+        print(
+            f"Ratchet gateway on http://{settings.host}:{settings.port}  engine: {engine}",
+            flush=True,
+        )
         if not settings.database_url:
             print(f"Chat key (embedded database): {dev_chat_key(settings, url)}", flush=True)
-        uvicorn.run(app, host=settings.host, port=settings.port, access_log=False,
-                    log_level=settings.log_level, timeout_graceful_shutdown=10)
+        # uvicorn re-raises the signal that stopped it once it has shut down; with the
+        # default SIGTERM handler that would kill us before the embedded DB is stopped.
+        signal.signal(signal.SIGTERM, _exit_cleanly)
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            access_log=False,
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=10,
+        )
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def dev_chat_key(settings: Settings, conninfo: str) -> str:

@@ -48,8 +48,14 @@ def create_app(
         engine = EngineClient(url)
         if supervisor:
             supervisor.start()
-        app.state.services = _services(settings, pool, engine, metrics, supervisor,
-                                       await asyncio.to_thread(base_model_sha256, settings))
+        app.state.services = _services(
+            settings,
+            pool,
+            engine,
+            metrics,
+            supervisor,
+            await asyncio.to_thread(base_model_sha256, settings),
+        )
         try:
             yield
         finally:
@@ -68,17 +74,31 @@ def create_app(
 
 
 def _services(
-    settings: Settings, pool: AsyncConnectionPool, engine: EngineClient,
-    metrics: Metrics, supervisor: EngineSupervisor | None, base_sha: str | None,
+    settings: Settings,
+    pool: AsyncConnectionPool,
+    engine: EngineClient,
+    metrics: Metrics,
+    supervisor: EngineSupervisor | None,
+    base_sha: str | None,
 ) -> Services:
     router = ModelRouter(pool, engine, settings.registry_cache_seconds)
     chat_service = ChatService(
-        pool=pool, engine=engine, router=router, metrics=metrics,
-        max_tokens_cap=settings.max_tokens_cap, base_model_sha256=base_sha,
+        pool=pool,
+        engine=engine,
+        router=router,
+        metrics=metrics,
+        max_tokens_cap=settings.max_tokens_cap,
+        base_model_sha256=base_sha,
     )
     return Services(
-        settings=settings, pool=pool, engine=engine, router=router,
-        auth=Authenticator(pool, settings.auth_cache_seconds), metrics=metrics,
-        chat=chat_service, comparisons=ComparisonService(pool, chat_service, router),
-        supervisor=supervisor, base_model_sha256=base_sha,
+        settings=settings,
+        pool=pool,
+        engine=engine,
+        router=router,
+        auth=Authenticator(pool, settings.auth_cache_seconds),
+        metrics=metrics,
+        chat=chat_service,
+        comparisons=ComparisonService(pool, chat_service, router),
+        supervisor=supervisor,
+        base_model_sha256=base_sha,
     )

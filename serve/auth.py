@@ -55,6 +55,7 @@ def _bearer(authorization: str | None) -> str:
         )
     scheme, _, secret = authorization.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
-        raise Unauthorized("Malformed Authorization header; expected 'Bearer <key>'.",
-                           code="invalid_api_key")
+        raise Unauthorized(
+            "Malformed Authorization header; expected 'Bearer <key>'.", code="invalid_api_key"
+        )
     return secret.strip()

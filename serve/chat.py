@@ -78,7 +78,8 @@ class ChatService:
             if value is not None and value > self.max_tokens_cap:
                 raise InvalidRequest(
                     f"{name}={value} is over this server's cap of {self.max_tokens_cap}.",
-                    param=name, code="max_tokens_over_cap",
+                    param=name,
+                    code="max_tokens_over_cap",
                 )
 
     async def generate(
@@ -92,15 +93,18 @@ class ChatService:
         response["id"], response["model"] = completion_id(uid), request.model
         choice = response["choices"][0]
         usage = response.get("usage") or {}
-        record = self._record(request, target, key, uid, stream=False).model_copy(update={
-            "output": choice["message"].get("content") or "",
-            "finish_reason": choice.get("finish_reason"),
-            "prompt_tokens": usage.get("prompt_tokens"),
-            "completion_tokens": usage.get("completion_tokens"),
-            "latency_ms": latency * 1000,
-        })
-        self.metrics.completion(request.model, False, latency, record.prompt_tokens,
-                                record.completion_tokens)
+        record = self._record(request, target, key, uid, stream=False).model_copy(
+            update={
+                "output": choice["message"].get("content") or "",
+                "finish_reason": choice.get("finish_reason"),
+                "prompt_tokens": usage.get("prompt_tokens"),
+                "completion_tokens": usage.get("completion_tokens"),
+                "latency_ms": latency * 1000,
+            }
+        )
+        self.metrics.completion(
+            request.model, False, latency, record.prompt_tokens, record.completion_tokens
+        )
         return response, record
 
     async def complete(
@@ -125,15 +129,15 @@ class ChatService:
         upstream, response = await self._with_reload(target, open_upstream)
         try:
             async with self.pool.connection() as conn:
-                await completions.insert(
-                    conn, self._record(request, target, key, uid, stream=True)
-                )
+                await completions.insert(conn, self._record(request, target, key, uid, stream=True))
         except BaseException:
             await upstream.__aexit__(None, None, None)
             raise
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        model_fix = (f'"model":"{target.engine_model}"'.encode(),
-                     f'"model":"{request.model}"'.encode())
+        model_fix = (
+            f'"model":"{target.engine_model}"'.encode(),
+            f'"model":"{request.model}"'.encode(),
+        )
 
         async def relay() -> AsyncIterator[bytes]:
             state, done = _Stream(), False
@@ -159,20 +163,29 @@ class ChatService:
         return relay()
 
     async def _finish(
-        self, uid: uuid.UUID, request: ChatCompletionRequest, state: _Stream,
-        started: float, status: str,
+        self,
+        uid: uuid.UUID,
+        request: ChatCompletionRequest,
+        state: _Stream,
+        started: float,
+        status: str,
     ) -> None:
         latency = time.perf_counter() - started
         async with self.pool.connection() as conn:
             await completions.finish(
-                conn, uid, status=status,  # type: ignore[arg-type]
-                output="".join(state.text), finish_reason=state.finish_reason,
-                prompt_tokens=state.prompt_tokens, completion_tokens=state.completion_tokens,
+                conn,
+                uid,
+                status=status,  # type: ignore[arg-type]
+                output="".join(state.text),
+                finish_reason=state.finish_reason,
+                prompt_tokens=state.prompt_tokens,
+                completion_tokens=state.completion_tokens,
                 latency_ms=latency * 1000,
             )
         if status == "complete":
-            self.metrics.completion(request.model, True, latency, state.prompt_tokens,
-                                    state.completion_tokens)
+            self.metrics.completion(
+                request.model, True, latency, state.prompt_tokens, state.completion_tokens
+            )
 
     def _engine_body(self, request: ChatCompletionRequest, target: Target) -> dict[str, Any]:
         body = request.model_dump(exclude_unset=True, exclude_none=True)
@@ -184,24 +197,36 @@ class ChatService:
         return body
 
     def _record(
-        self, request: ChatCompletionRequest, target: Target, key: ApiKey,
-        uid: uuid.UUID, *, stream: bool,
+        self,
+        request: ChatCompletionRequest,
+        target: Target,
+        key: ApiKey,
+        uid: uuid.UUID,
+        *,
+        stream: bool,
     ) -> CompletionRecord:
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
         params = {
-            k: v for k, v in request.model_dump(exclude_unset=True, exclude_none=True).items()
+            k: v
+            for k, v in request.model_dump(exclude_unset=True, exclude_none=True).items()
             if k not in _NOT_PARAMS
         }
         params.setdefault("max_tokens", request.max_completion_tokens or self.max_tokens_cap)
         adapter = target.adapter
         return CompletionRecord(
-            id=uid, key_id=key.id, end_user=request.user, public_model=request.model,
+            id=uid,
+            key_id=key.id,
+            end_user=request.user,
+            public_model=request.model,
             engine_model=target.engine_model,
             adapter_id=adapter.id if adapter else None,
             adapter_sha256=adapter.sha256 if adapter else None,
             base_model_sha256=self.base_model_sha256,
-            messages=messages, params=params, prompt_sha256=completions.prompt_sha256(messages),
-            stream=stream, status="streaming" if stream else "complete",
+            messages=messages,
+            params=params,
+            prompt_sha256=completions.prompt_sha256(messages),
+            stream=stream,
+            status="streaming" if stream else "complete",
         )
 
     async def _with_reload(self, target: Target, call: Callable[[], Awaitable[T]]) -> T:

@@ -38,7 +38,10 @@ def parse_comparison_id(value: str) -> uuid.UUID | None:
 
 class ComparisonService:
     def __init__(
-        self, pool: AsyncConnectionPool, chat: ChatService, router: ModelRouter,
+        self,
+        pool: AsyncConnectionPool,
+        chat: ChatService,
+        router: ModelRouter,
         rng: random.Random | None = None,
     ) -> None:
         self.pool = pool
@@ -49,8 +52,7 @@ class ComparisonService:
     async def create(self, request: ComparisonRequest, key: ApiKey) -> ComparisonResponse:
         models = await self._contenders()
         chats = [
-            ChatCompletionRequest(model=m, **request.model_dump(exclude_unset=True))
-            for m in models
+            ChatCompletionRequest(model=m, **request.model_dump(exclude_unset=True)) for m in models
         ]
         for chat in chats:
             self.chat.check(chat)
@@ -66,15 +68,22 @@ class ComparisonService:
             await completions.insert(conn, rec_a)
             await completions.insert(conn, rec_b)
             await comparisons.create(
-                conn, comparison_id=uid, key_id=key.id, end_user=request.user,
-                messages=rec_a.messages, params=rec_a.params,
-                completion_a=rec_a.id, completion_b=rec_b.id,
+                conn,
+                comparison_id=uid,
+                key_id=key.id,
+                end_user=request.user,
+                messages=rec_a.messages,
+                params=rec_a.params,
+                completion_a=rec_a.id,
+                completion_b=rec_b.id,
             )
         return ComparisonResponse(id=comparison_id(uid), a=_answer(resp_a), b=_answer(resp_b))
 
     async def _contenders(self) -> tuple[str, str]:
         listed = {t.public for t in await self.router.available()}
-        return ("production", "candidate") if "candidate" in listed else ("production", "production")
+        return (
+            ("production", "candidate") if "candidate" in listed else ("production", "production")
+        )
 
 
 def _answer(response: dict[str, object]) -> ComparisonAnswer:

@@ -1,14 +1,14 @@
 """The gateway's errors, and the one function that turns them into OpenAI error bodies.
 
-    APIError                      {"error": {"message", "type", "param", "code"}}
-     ├── InvalidRequest      400  malformed JSON, schema violations, caps
-     ├── Unauthorized        401  missing, unknown or revoked key
-     ├── Forbidden           403  the key's role may not call this endpoint
-     ├── NotFound            404  unknown model, completion or comparison
-     ├── Conflict            409  a decision that contradicts an earlier one
-     ├── PayloadTooLarge     413  the body is over the configured limit
-     ├── EngineError         5xx/4xx passed through from vLLM, body kept
-     └── EngineUnavailable   503  the engine is starting, restarting or unreachable
+APIError                      {"error": {"message", "type", "param", "code"}}
+ ├── InvalidRequest      400  malformed JSON, schema violations, caps
+ ├── Unauthorized        401  missing, unknown or revoked key
+ ├── Forbidden           403  the key's role may not call this endpoint
+ ├── NotFound            404  unknown model, completion or comparison
+ ├── Conflict            409  a decision that contradicts an earlier one
+ ├── PayloadTooLarge     413  the body is over the configured limit
+ ├── EngineError         5xx/4xx passed through from vLLM, body kept
+ └── EngineUnavailable   503  the engine is starting, restarting or unreachable
 """
 
 from typing import Any
@@ -102,7 +102,9 @@ class EngineError(APIError):
         self.type = str(inner.get("type") or "engine_error")
 
 
-def error_body(message: str, type_: str, param: str | None, code: str | int | None) -> dict[str, Any]:
+def error_body(
+    message: str, type_: str, param: str | None, code: str | int | None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -130,7 +132,9 @@ def install(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         first = exc.errors()[0]
         if first.get("type") == "json_invalid":
-            return error_response(InvalidRequest("request body is not valid JSON", code="invalid_json"))
+            return error_response(
+                InvalidRequest("request body is not valid JSON", code="invalid_json")
+            )
         param = _validation_param(tuple(first.get("loc", ())))
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
         return error_response(InvalidRequest(message, param=param, code="invalid_value"))

@@ -9,22 +9,34 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "ratchet_http_requests", "HTTP requests by route and status.",
-            ["route", "status"], registry=self.registry,
+            "ratchet_http_requests",
+            "HTTP requests by route and status.",
+            ["route", "status"],
+            registry=self.registry,
         )
         self.latency = Histogram(
-            "ratchet_completion_latency_seconds", "Chat completion latency by public model.",
-            ["model", "stream"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "ratchet_completion_latency_seconds",
+            "Chat completion latency by public model.",
+            ["model", "stream"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.tokens = Counter(
-            "ratchet_tokens", "Tokens by public model and kind (prompt, completion).",
-            ["model", "kind"], registry=self.registry,
+            "ratchet_tokens",
+            "Tokens by public model and kind (prompt, completion).",
+            ["model", "kind"],
+            registry=self.registry,
         )
         self.votes = Counter(
-            "ratchet_votes", "Thumbs votes by rating.", ["rating"], registry=self.registry,
+            "ratchet_votes",
+            "Thumbs votes by rating.",
+            ["rating"],
+            registry=self.registry,
         )
         self.choices = Counter(
-            "ratchet_comparison_choices", "Pairwise choices by outcome.", ["choice"],
+            "ratchet_comparison_choices",
+            "Pairwise choices by outcome.",
+            ["choice"],
             registry=self.registry,
         )
 

@@ -52,7 +52,8 @@ class ModelRouter:
         if public not in PUBLIC_MODELS:
             raise NotFound(
                 f"The model `{public}` does not exist. Use one of: {', '.join(PUBLIC_MODELS)}.",
-                param="model", code="model_not_found",
+                param="model",
+                code="model_not_found",
             )
         adapters = await self._current()
         if public == "base":
@@ -60,8 +61,9 @@ class ModelRouter:
         adapter = adapters.get(public)
         if adapter is None:
             if public == "candidate":
-                raise NotFound("There is no candidate model right now.",
-                               param="model", code="model_not_found")
+                raise NotFound(
+                    "There is no candidate model right now.", param="model", code="model_not_found"
+                )
             return Target(public, await self.base_name(), None)
         await self.ensure_loaded(adapter)
         return Target(public, adapter.engine_name, adapter)
@@ -71,9 +73,7 @@ class ModelRouter:
         adapters = await self._current()
         names = [n for n in PUBLIC_MODELS if n != "candidate" or adapters.get("candidate")]
         base = await self.base_name()
-        return [
-            Target(n, a.engine_name if (a := adapters.get(n)) else base, a) for n in names
-        ]
+        return [Target(n, a.engine_name if (a := adapters.get(n)) else base, a) for n in names]
 
     async def base_name(self) -> str:
         if self._base is None:

@@ -24,15 +24,24 @@ _PR_SET_PDEATHSIG = 1
 def engine_command(settings: Settings) -> list[str]:
     """The vLLM command line for the configured base model and LoRA limits."""
     return [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", settings.base_model_ref,
-        "--host", settings.engine_host,
-        "--port", str(settings.engine_port),
-        "--dtype", settings.engine_dtype,
-        "--max-model-len", str(settings.engine_max_model_len),
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        settings.base_model_ref,
+        "--host",
+        settings.engine_host,
+        "--port",
+        str(settings.engine_port),
+        "--dtype",
+        settings.engine_dtype,
+        "--max-model-len",
+        str(settings.engine_max_model_len),
         "--enable-lora",
-        "--max-lora-rank", str(settings.engine_max_lora_rank),
-        "--max-loras", str(settings.engine_max_loras),
+        "--max-lora-rank",
+        str(settings.engine_max_lora_rank),
+        "--max-loras",
+        str(settings.engine_max_loras),
         "--disable-uvicorn-access-log",
         *settings.engine_extra_args,
     ]
@@ -89,8 +98,11 @@ class EngineSupervisor:
                 backoff = 1.0 if started else min(backoff * 2, 30.0)
                 await self._watch(probe)
                 if not self._stopping:
-                    log.warning("engine exited (code %s); restarting in %.0f s",
-                                self.process.returncode if self.process else None, backoff)
+                    log.warning(
+                        "engine exited (code %s); restarting in %.0f s",
+                        self.process.returncode if self.process else None,
+                        backoff,
+                    )
                     await asyncio.sleep(backoff)
         finally:
             await probe.aclose()
@@ -110,8 +122,12 @@ class EngineSupervisor:
                 # Its own process group, so that vLLM's engine-core children go with it.
                 start_new_session=True,
             )
-        log.info("engine starting (pid %s, generation %s), log: %s",
-                 self.process.pid, self.generation, self.log_path)
+        log.info(
+            "engine starting (pid %s, generation %s), log: %s",
+            self.process.pid,
+            self.generation,
+            self.log_path,
+        )
         deadline = asyncio.get_running_loop().time() + self.settings.engine_startup_timeout_s
         while self.process.returncode is None:
             if await probe.health():
@@ -119,8 +135,10 @@ class EngineSupervisor:
                 log.info("engine ready (generation %s)", self.generation)
                 return True
             if asyncio.get_running_loop().time() > deadline:
-                log.error("engine not healthy after %.0f s; killing it",
-                          self.settings.engine_startup_timeout_s)
+                log.error(
+                    "engine not healthy after %.0f s; killing it",
+                    self.settings.engine_startup_timeout_s,
+                )
                 await self._terminate()
                 return False
             await asyncio.sleep(0.5)

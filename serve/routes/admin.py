@@ -34,15 +34,21 @@ async def register_adapter(
     if rank > services.settings.engine_max_lora_rank:
         raise InvalidRequest(
             f"adapter rank {rank} is over the engine's max_lora_rank "
-            f"{services.settings.engine_max_lora_rank}", param="path", code="invalid_adapter")
+            f"{services.settings.engine_max_lora_rank}",
+            param="path",
+            code="invalid_adapter",
+        )
     adapters_dir = services.settings.adapters_dir
     existed_before = {p.name for p in adapters_dir.iterdir()} if adapters_dir.is_dir() else set()
     sha, stored = await asyncio.to_thread(registry.store_files, source, adapters_dir)
     async with services.pool.connection() as conn:
         known = await registry.get_by_sha(conn, sha)
     if known is not None:
-        raise Conflict(f"adapter {sha} is already registered (status {known.status}).",
-                       param="path", code="adapter_exists")
+        raise Conflict(
+            f"adapter {sha} is already registered (status {known.status}).",
+            param="path",
+            code="adapter_exists",
+        )
     try:
         await services.engine.load_adapter(registry.engine_name_for(sha), str(stored))
         async with services.pool.connection() as conn:
@@ -53,8 +59,11 @@ async def register_adapter(
         if sha not in existed_before:  # leave no files behind for a refused adapter
             shutil.rmtree(stored, ignore_errors=True)
         if isinstance(exc, EngineError):
-            raise InvalidRequest(f"the engine refused the adapter: {exc.message}",
-                                 param="path", code="invalid_adapter") from exc
+            raise InvalidRequest(
+                f"the engine refused the adapter: {exc.message}",
+                param="path",
+                code="invalid_adapter",
+            ) from exc
         raise
     services.router.invalidate()
     return adapter

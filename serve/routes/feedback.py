@@ -29,16 +29,23 @@ async def give_feedback(
     try:
         async with services.pool.connection() as conn:
             vote = await votes.upsert(
-                conn, completion_id=uid, rating=1 if request.rating == "up" else -1,
-                end_user=request.user or "", key_id=key.id,
-                comment=request.comment, correction=request.correction,
+                conn,
+                completion_id=uid,
+                rating=1 if request.rating == "up" else -1,
+                end_user=request.user or "",
+                key_id=key.id,
+                comment=request.comment,
+                correction=request.correction,
             )
     except UnknownCompletion as exc:
         raise _unknown_completion(request.completion_id) from exc
     services.metrics.votes.labels(request.rating).inc()
     return FeedbackResponse(
-        completion_id=request.completion_id, rating=request.rating, user=request.user,
-        comment=vote.comment, correction=vote.correction,
+        completion_id=request.completion_id,
+        rating=request.rating,
+        user=request.user,
+        comment=vote.comment,
+        correction=vote.correction,
         updated=vote.updated_at != vote.created_at,
     )
 
@@ -58,22 +65,28 @@ async def choose(
     """Record which answer the user preferred; the first decision stands."""
     uid = parse_comparison_id(comparison)
     if uid is None:
-        raise NotFound(f"No comparison with id {comparison!r}.", param="id",
-                       code="comparison_not_found")
+        raise NotFound(
+            f"No comparison with id {comparison!r}.", param="id", code="comparison_not_found"
+        )
     try:
         async with services.pool.connection() as conn:
             decided = await comparisons.decide(conn, uid, request.choice, request.user or "")
     except UnknownComparison as exc:
-        raise NotFound(f"No comparison with id {comparison!r}.", param="id",
-                       code="comparison_not_found") from exc
+        raise NotFound(
+            f"No comparison with id {comparison!r}.", param="id", code="comparison_not_found"
+        ) from exc
     except AlreadyDecided as exc:
-        raise Conflict(f"Comparison {comparison} was already decided as {exc.choice!r}.",
-                       param="choice", code="already_decided") from exc
+        raise Conflict(
+            f"Comparison {comparison} was already decided as {exc.choice!r}.",
+            param="choice",
+            code="already_decided",
+        ) from exc
     services.metrics.choices.labels(request.choice).inc()
     assert decided.choice is not None
     return ChoiceResponse(id=comparison_id(decided.id), choice=decided.choice)
 
 
 def _unknown_completion(value: str) -> NotFound:
-    return NotFound(f"No completion with id {value!r}.", param="completion_id",
-                    code="completion_not_found")
+    return NotFound(
+        f"No completion with id {value!r}.", param="completion_id", code="completion_not_found"
+    )

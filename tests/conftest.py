@@ -1,0 +1,92 @@
+"""Session fixtures: a fresh database on the real Postgres, the prepared base model,
+and one supervised `ratchet serve` (real vLLM CPU engine) shared by the suite."""
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from feedback.migrate import migrate
+from ratchet.model import MANIFEST, prepare_default
+from tests.helpers import ROOT, Gateway, make_key, start_gateway
+
+DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Tests that restart the shared engine run last, so the others never wait on it.
+    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
+
+
+@pytest.fixture(scope="session")
+def server_url() -> str:
+    return os.environ.get("DATABASE_URL", DEFAULT_URL)
+
+
+@pytest.fixture(scope="session")
+def database_url(server_url: str) -> Iterator[str]:
+    """A database of our own on the configured server, migrated, dropped at the end."""
+    name = f"ratchet_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = psycopg.conninfo.make_conninfo(server_url, dbname=name)
+    migrate(url)
+    yield url
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def base_model_dir() -> Path:
+    """The default base, prepared once into the repo's data dir (as `make run` does)."""
+    target = ROOT / "data" / "models" / "SmolLM2-135M-Instruct"
+    prepare_default(target)
+    assert (target / MANIFEST).is_file()
+    return target
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ratchet-data")
+
+
+@pytest.fixture(scope="session")
+def gateway_env(database_url: str, base_model_dir: Path, data_dir: Path) -> dict[str, str]:
+    return {
+        "DATABASE_URL": database_url,
+        "RATCHET_DATA_DIR": str(data_dir),
+        "RATCHET_BASE_MODEL": str(base_model_dir),
+        "RATCHET_MAX_TOKENS_CAP": "256",
+    }
+
+
+@pytest.fixture(scope="session")
+def gateway(gateway_env: dict[str, str], data_dir: Path) -> Iterator[Gateway]:
+    """`ratchet serve` supervising the real vLLM engine; started once per session."""
+    from tests.helpers import free_port
+
+    engine_port = free_port()
+    env = {**gateway_env, "RATCHET_ENGINE_PORT": str(engine_port)}
+    gw = start_gateway(env, data_dir / "gateway.log")
+    gw.engine_url = f"http://127.0.0.1:{engine_port}"
+    yield gw
+    assert gw.stop() == 0, gw.log()
+
+
+@pytest.fixture(scope="session")
+def chat_key(database_url: str) -> tuple[str, str]:
+    return make_key(database_url, "chat")
+
+
+@pytest.fixture(scope="session")
+def ops_key(database_url: str) -> tuple[str, str]:
+    return make_key(database_url, "ops")
+
+
+@pytest.fixture(scope="session")
+def reviewer_key(database_url: str) -> tuple[str, str]:
+    return make_key(database_url, "reviewer")

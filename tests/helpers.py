@@ -1,0 +1,128 @@
+"""Test helpers: free ports, keys, a supervised `ratchet serve`, LoRA adapters."""
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+from psycopg.rows import dict_row
+
+from ratchet import keys
+
+ROOT = Path(__file__).resolve().parent.parent
+RATCHET = str(Path(sys.executable).parent / "ratchet")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_key(conninfo: str, role: keys.Role, name: str = "test") -> tuple[str, str]:
+    """Create a key; return (key id, secret)."""
+
+    async def create() -> tuple[str, str]:
+        async with await psycopg.AsyncConnection.connect(conninfo) as conn:
+            key, secret = await keys.create_key(conn, role, name)
+        return str(key.id), secret
+
+    return asyncio.run(create())
+
+
+def query(conninfo: str, sql: str, *params: Any) -> list[dict[str, Any]]:
+    with psycopg.connect(conninfo, row_factory=dict_row) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def counts(conninfo: str) -> dict[str, int]:
+    """Row counts of every table a request could write to."""
+    tables = ("completions", "votes", "comparisons", "adapters", "promotions", "api_keys")
+    return {t: int(query(conninfo, f"SELECT count(*) AS n FROM {t}")[0]["n"]) for t in tables}
+
+
+def auth(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+@dataclass
+class Gateway:
+    """A `ratchet serve` subprocess."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    engine_url: str | None = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_gateway(
+    env: dict[str, str], log_path: Path, *args: str, ready_timeout: float = 420.0
+) -> Gateway:
+    """Start `ratchet serve --port P ARGS`, wait until /readyz answers 200."""
+    port = free_port()
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(
+            [RATCHET, "serve", "--port", str(port), *args],
+            env={**os.environ, **env},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    gateway = Gateway(f"http://127.0.0.1:{port}", process, log_path)
+    wait_ready(gateway, ready_timeout)
+    return gateway
+
+
+def wait_ready(gateway: Gateway, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if gateway.process.poll() is not None:
+            raise RuntimeError(f"ratchet serve exited early:\n{gateway.log()}")
+        try:
+            if httpx.get(gateway.url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    gateway.stop()
+    raise RuntimeError(f"ratchet serve not ready in {timeout} s:\n{gateway.log()}")
+
+
+def make_lora(base_dir: Path, out_dir: Path, seed: int, scale: float = 0.5) -> Path:
+    """A PEFT LoRA on the base whose B matrices are random, so that outputs change."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                        task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, scale)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
