@@ -21,17 +21,23 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await error_response(self._error())(scope, receive, send)
             return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise self._error()  # turned into the 413 body by the app's handlers
-            return message
-
-        await self.app(scope, limited, send)
+        if declared is None:
+            # No declared length (chunked): read it all first, within the limit, then replay.
+            # Raising mid-read would be reported by FastAPI as a generic parse error.
+            body, more = [], True
+            size = 0
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                body.append(message)
+                size += len(message.get("body", b""))
+                more = message.get("more_body", False)
+                if size > self.limit:
+                    await error_response(self._error())(scope, receive, send)
+                    return
+            receive = _replay(body, receive)
+        await self.app(scope, receive, send)
 
     def _error(self) -> PayloadTooLarge:
         return PayloadTooLarge(
@@ -64,3 +70,12 @@ class RequestMetrics:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(path, str(status)).inc()
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    pending = list(messages)
+
+    async def replay() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replay

@@ -9,7 +9,7 @@ import pytest
 
 from feedback.completions import prompt_sha256
 from ratchet.model import MANIFEST
-from tests.helpers import Gateway, auth, query
+from tests.helpers import Gateway, auth, counts, query
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -32,8 +32,9 @@ def test_non_streaming_answer_is_logged_with_provenance(
     )
     assert reply.model == "production"
     assert "Paris" in (reply.choices[0].message.content or "")
-    row = query(database_url, "SELECT * FROM completions WHERE id = %s",
-                reply.id.removeprefix("chatcmpl-"))[0]
+    row = query(
+        database_url, "SELECT * FROM completions WHERE id = %s", reply.id.removeprefix("chatcmpl-")
+    )[0]
     assert row["status"] == "complete" and row["stream"] is False
     assert row["output"] == reply.choices[0].message.content
     assert row["finish_reason"] == reply.choices[0].finish_reason
@@ -63,8 +64,9 @@ def test_streaming_answer_is_logged_before_done(
     assert len(ids) == 1 and "Paris" in text
     assert all(c.model == "base" for c in chunks)
     assert all(c.usage is None for c in chunks)  # usage was not asked for
-    row = query(database_url, "SELECT * FROM completions WHERE id = %s",
-                ids.pop().removeprefix("chatcmpl-"))[0]
+    row = query(
+        database_url, "SELECT * FROM completions WHERE id = %s", ids.pop().removeprefix("chatcmpl-")
+    )[0]
     assert row["stream"] is True and row["status"] == "complete"
     assert row["output"] == text
     assert row["finish_reason"] == "stop"
@@ -73,14 +75,23 @@ def test_streaming_answer_is_logged_before_done(
 
 
 def test_streaming_usage_when_asked(client: openai.OpenAI, database_url: str) -> None:
-    chunks = list(client.chat.completions.create(
-        model="base", messages=QUESTION, temperature=0, max_tokens=4, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model="base",
+            messages=QUESTION,
+            temperature=0,
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     usage = [c.usage for c in chunks if c.usage is not None]
     assert len(usage) == 1 and usage[0].completion_tokens == 4
-    row = query(database_url, "SELECT completion_tokens, finish_reason FROM completions"
-                " WHERE id = %s", chunks[0].id.removeprefix("chatcmpl-"))[0]
+    row = query(
+        database_url,
+        "SELECT completion_tokens, finish_reason FROM completions WHERE id = %s",
+        chunks[0].id.removeprefix("chatcmpl-"),
+    )[0]
     assert row == {"completion_tokens": 4, "finish_reason": "length"}
 
 
@@ -94,20 +105,35 @@ def test_thumbs_vote_is_stored_and_replaced(
     client: openai.OpenAI, gateway: Gateway, chat_key: tuple[str, str], database_url: str
 ) -> None:
     reply = client.chat.completions.create(model="base", messages=QUESTION, max_tokens=16)
-    body = {"completion_id": reply.id, "rating": "down", "comment": "too short",
-            "correction": "Paris is the capital of France.", "user": "bob"}
+    body = {
+        "completion_id": reply.id,
+        "rating": "down",
+        "comment": "too short",
+        "correction": "Paris is the capital of France.",
+        "user": "bob",
+    }
     first = httpx.post(gateway.url + "/v1/feedback", json=body, headers=auth(chat_key[1]))
     assert first.status_code == 200, first.text
     assert first.json()["updated"] is False
-    again = httpx.post(gateway.url + "/v1/feedback", headers=auth(chat_key[1]),
-                       json={**body, "rating": "up", "comment": None, "correction": None})
+    again = httpx.post(
+        gateway.url + "/v1/feedback",
+        headers=auth(chat_key[1]),
+        json={**body, "rating": "up", "comment": None, "correction": None},
+    )
     assert again.status_code == 200 and again.json()["updated"] is True
-    rows = query(database_url, "SELECT * FROM votes WHERE completion_id = %s",
-                 reply.id.removeprefix("chatcmpl-"))
+    rows = query(
+        database_url,
+        "SELECT * FROM votes WHERE completion_id = %s",
+        reply.id.removeprefix("chatcmpl-"),
+    )
     assert len(rows) == 1
     vote = rows[0]
     assert (vote["rating"], vote["end_user"], vote["comment"], vote["correction"]) == (
-        1, "bob", None, None)
+        1,
+        "bob",
+        None,
+        None,
+    )
     assert str(vote["key_id"]) == chat_key[0]
     assert vote["updated_at"] > vote["created_at"]
 
@@ -116,25 +142,38 @@ def test_pairwise_choice_is_stored_blind(
     gateway: Gateway, chat_key: tuple[str, str], database_url: str
 ) -> None:
     created = httpx.post(
-        gateway.url + "/v1/comparisons", headers=auth(chat_key[1]), timeout=120,
+        gateway.url + "/v1/comparisons",
+        headers=auth(chat_key[1]),
+        timeout=120,
         json={"messages": QUESTION, "max_tokens": 16, "temperature": 1.0, "user": "carol"},
     )
     assert created.status_code == 200, created.text
     body = created.json()
     assert set(body) == {"id", "object", "a", "b"}
     assert "model" not in json.dumps(body)  # which model answered stays hidden
-    choice = httpx.post(f"{gateway.url}/v1/comparisons/{body['id']}/choice",
-                        headers=auth(chat_key[1]), json={"choice": "b", "user": "carol"})
+    choice = httpx.post(
+        f"{gateway.url}/v1/comparisons/{body['id']}/choice",
+        headers=auth(chat_key[1]),
+        json={"choice": "b", "user": "carol"},
+    )
     assert choice.status_code == 200 and choice.json()["choice"] == "b"
-    same = httpx.post(f"{gateway.url}/v1/comparisons/{body['id']}/choice",
-                      headers=auth(chat_key[1]), json={"choice": "b", "user": "carol"})
+    same = httpx.post(
+        f"{gateway.url}/v1/comparisons/{body['id']}/choice",
+        headers=auth(chat_key[1]),
+        json={"choice": "b", "user": "carol"},
+    )
     assert same.status_code == 200  # repeating the same decision is harmless
-    row = query(database_url, "SELECT * FROM comparisons WHERE id = %s",
-                body["id"].removeprefix("cmp-"))[0]
+    row = query(
+        database_url, "SELECT * FROM comparisons WHERE id = %s", body["id"].removeprefix("cmp-")
+    )[0]
     assert (row["choice"], row["chooser"], row["end_user"]) == ("b", "carol", "carol")
     assert row["decided_at"] is not None and row["messages"] == QUESTION
-    answers = query(database_url, "SELECT id, public_model, output FROM completions"
-                    " WHERE id IN (%s, %s)", row["completion_a"], row["completion_b"])
+    answers = query(
+        database_url,
+        "SELECT id, public_model, output FROM completions WHERE id IN (%s, %s)",
+        row["completion_a"],
+        row["completion_b"],
+    )
     by_id = {a["id"]: a for a in answers}
     assert by_id[row["completion_a"]]["output"] == body["a"]["message"]["content"]
     assert by_id[row["completion_b"]]["output"] == body["b"]["message"]["content"]
@@ -148,3 +187,14 @@ def test_metrics_count_requests_tokens_and_votes(gateway: Gateway) -> None:
     assert 'ratchet_tokens_total{kind="completion",model="base"}' in text
     assert 'ratchet_votes_total{rating="up"}' in text
     assert "ratchet_completion_latency_seconds_bucket" in text
+
+
+def test_prompt_over_engine_context_is_a_clean_400(
+    client: openai.OpenAI, database_url: str
+) -> None:
+    before = counts(database_url)
+    long = [{"role": "user", "content": "cat " * 3000}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="base", messages=long, max_tokens=8)  # type: ignore[arg-type]
+    assert "context" in str(caught.value).lower() or "length" in str(caught.value).lower()
+    assert counts(database_url) == before
