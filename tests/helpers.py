@@ -125,5 +125,5 @@ def make_lora(base_dir: Path, out_dir: Path, seed: int, scale: float = 0.5) -> P
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0.0, scale)
-    peft_model.save_pretrained(out_dir)
+    peft_model.save_pretrained(str(out_dir))
     return out_dir

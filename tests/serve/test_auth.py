@@ -7,15 +7,20 @@ from fastapi.testclient import TestClient
 
 from tests.helpers import RATCHET, auth, make_key, query
 
-HELLO = {"model": "base", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
-CHAT_ENDPOINTS = [
+HELLO: dict[str, object] = {
+    "model": "base",
+    "messages": [{"role": "user", "content": "Hi"}],
+    "max_tokens": 4,
+}
+Endpoint = tuple[str, str, dict[str, object] | None]
+CHAT_ENDPOINTS: list[Endpoint] = [
     ("POST", "/v1/chat/completions", HELLO),
     ("GET", "/v1/models", None),
     ("POST", "/v1/feedback", {"completion_id": "chatcmpl-0", "rating": "up"}),
     ("POST", "/v1/comparisons", {"messages": HELLO["messages"], "max_tokens": 4}),
     ("POST", "/v1/comparisons/cmp-0/choice", {"choice": "a"}),
 ]
-OPS_ENDPOINTS = [
+OPS_ENDPOINTS: list[Endpoint] = [
     ("GET", "/v1/admin/adapters", None),
     ("POST", "/v1/admin/adapters", {"path": "/nonexistent"}),
 ]

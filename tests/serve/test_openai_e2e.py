@@ -6,12 +6,15 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from feedback.completions import prompt_sha256
 from ratchet.model import MANIFEST
 from tests.helpers import Gateway, auth, counts, query
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "What is the capital of France?"}
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,7 @@ def test_non_streaming_answer_is_logged_with_provenance(
     assert row["finish_reason"] == reply.choices[0].finish_reason
     assert row["messages"] == QUESTION
     assert row["params"] == {"temperature": 0.0, "max_tokens": 24}
-    assert row["prompt_sha256"] == prompt_sha256(QUESTION)
+    assert row["prompt_sha256"] == prompt_sha256([dict(m) for m in QUESTION])
     assert row["public_model"] == "production"
     assert row["adapter_id"] is None and row["adapter_sha256"] is None  # nothing promoted
     assert row["base_model_sha256"] == base_sha
@@ -193,8 +196,8 @@ def test_prompt_over_engine_context_is_a_clean_400(
     client: openai.OpenAI, database_url: str
 ) -> None:
     before = counts(database_url)
-    long = [{"role": "user", "content": "cat " * 3000}]
+    long: list[ChatCompletionMessageParam] = [{"role": "user", "content": "cat " * 3000}]
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model="base", messages=long, max_tokens=8)  # type: ignore[arg-type]
+        client.chat.completions.create(model="base", messages=long, max_tokens=8)
     assert "context" in str(caught.value).lower() or "length" in str(caught.value).lower()
     assert counts(database_url) == before

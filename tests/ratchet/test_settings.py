@@ -1,0 +1,72 @@
+"""Settings: environment over config file over defaults; `ratchet config` masks secrets."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from ratchet.settings import Settings, mask_url
+from tests.helpers import RATCHET
+
+
+def test_environment_beats_file_beats_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "ratchet.yaml"
+    config.write_text("port: 9001\nmax_tokens_cap: 77\nengine_url: http://engine:8000\n")
+    monkeypatch.setenv("RATCHET_CONFIG", str(config))
+    monkeypatch.setenv("RATCHET_PORT", "9002")
+    settings = Settings()
+    assert settings.port == 9002  # environment
+    assert settings.max_tokens_cap == 77  # file
+    assert settings.engine_url == "http://engine:8000"
+    assert settings.engine_dtype == "float32"  # default
+
+
+def test_unknown_keys_in_file_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "ratchet.yaml"
+    config.write_text("max_token_cap: 5\n")  # a typo must not be ignored silently
+    monkeypatch.setenv("RATCHET_CONFIG", str(config))
+    with pytest.raises(ValidationError, match="max_token_cap"):
+        Settings()
+
+
+def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RATCHET_PORT", "70000")
+    with pytest.raises(ValidationError, match="port"):
+        Settings()
+
+
+def test_mask_url() -> None:
+    assert mask_url("postgresql://u:s3cret@db:5432/x") == "postgresql://u:***@db:5432/x"
+    assert mask_url("postgresql://u@db/x") == "postgresql://u@db/x"
+
+
+def test_cli_config_prints_effective_settings_masked(tmp_path: Path) -> None:
+    config = tmp_path / "ratchet.yaml"
+    config.write_text("max_tokens_cap: 99\n")
+    env = {
+        **os.environ,
+        "DATABASE_URL": "postgresql://app:hunter2@db/ratchet",
+        "RATCHET_DATA_DIR": str(tmp_path),
+    }
+    out = subprocess.run(
+        [RATCHET, "--config", str(config), "config"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    shown = json.loads(out)
+    assert shown["database_url"] == "postgresql://app:***@db/ratchet"
+    assert shown["max_tokens_cap"] == 99 and shown["data_dir"] == str(tmp_path)
+    assert "hunter2" not in out
+
+
+def test_cli_reports_invalid_settings(tmp_path: Path) -> None:
+    env = {**os.environ, "RATCHET_ENGINE_DTYPE": "int3"}
+    result = subprocess.run([RATCHET, "config"], env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and "engine_dtype" in result.stderr
