@@ -1,0 +1,186 @@
+"""Gateway overhead: the same workload straight to vLLM and through the gateway.
+
+    .venv/bin/python bench/gateway_overhead.py [--rounds 4] [--requests 16]
+
+Starts `ratchet serve` (which supervises a vLLM CPU engine) on free ports, on the
+configured database (DATABASE_URL, or the embedded one), with answer logging on as
+in production. Rounds alternate direct / gateway in ABBA order so that drift on a
+noisy machine falls on both sides alike. Each round sends `--requests` chat
+completions, 16 at a time, with 128 forced tokens (`ignore_eos`), so both sides
+generate exactly the same number of tokens.
+
+Figures: throughput ratio (gateway tok/s over direct tok/s, non-streamed and
+streamed), p50 latency added under that load, and p50 added to a lone 1-token
+request (the gateway's own cost, without queueing noise). The last line of output
+is one JSON object of the figures.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ratchet.db import database_url  # noqa: E402
+from ratchet.model import prepare_default  # noqa: E402
+from ratchet.settings import Settings  # noqa: E402
+from tests.helpers import free_port, make_key, start_gateway  # noqa: E402
+
+PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+
+
+async def one(
+    client: httpx.AsyncClient, url: str, key: str, body: dict[str, object]
+) -> tuple[float, int]:
+    """One request; return (latency s, completion tokens)."""
+    started = time.perf_counter()
+    if not body.get("stream"):
+        response = await client.post(url, json=body, headers={"Authorization": f"Bearer {key}"})
+        response.raise_for_status()
+        return time.perf_counter() - started, int(response.json()["usage"]["completion_tokens"])
+    tokens = 0
+    async with client.stream(
+        "POST", url, json=body, headers={"Authorization": f"Bearer {key}"}
+    ) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                usage = json.loads(line[6:]).get("usage")
+                if usage:
+                    tokens = int(usage["completion_tokens"])
+    return time.perf_counter() - started, tokens
+
+
+async def round_(
+    base: str, key: str, model: str, n: int, concurrency: int, max_tokens: int, stream: bool
+) -> tuple[float, list[float]]:
+    """Run n requests, `concurrency` at a time; return (tokens/s, latencies)."""
+    body: dict[str, object] = {
+        "model": model,
+        "messages": PROMPT,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0.8,
+        "stream": stream,
+    }
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n):
+        queue.put_nowait(i)
+    results: list[tuple[float, int]] = []
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+
+        async def worker() -> None:
+            while not queue.empty():
+                queue.get_nowait()
+                results.append(await one(client, base + "/v1/chat/completions", key, body))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    return sum(t for _, t in results) / wall, [lat for lat, _ in results]
+
+
+async def probe(direct: tuple[str, str], gateway: tuple[str, str], n: int) -> tuple[float, float]:
+    """Lone 1-token requests, alternating; return p50 latency (direct, gateway) in ms."""
+    lat: dict[str, list[float]] = {"d": [], "g": []}
+    async with httpx.AsyncClient(timeout=60) as client:
+        for i in range(2 * n):
+            side, (url, model) = ("d", direct) if i % 2 == 0 else ("g", gateway)
+            body = {"model": model, "messages": PROMPT, "max_tokens": 1}
+            latency, _ = await one(client, url + "/v1/chat/completions", KEY, body)
+            if i >= 4:  # warm-up
+                lat[side].append(latency * 1000)
+    return statistics.median(lat["d"]), statistics.median(lat["g"])
+
+
+KEY = ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=4, help="plain rounds per side (even)")
+    parser.add_argument("--requests", type=int, default=16, help="requests per round")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--stream-rounds", type=int, default=2, help="streamed rounds per side")
+    parser.add_argument("--probes", type=int, default=60)
+    args = parser.parse_args()
+
+    settings = Settings()
+    model_dir = Path(settings.base_model_ref)
+    if not settings.base_model:
+        prepare_default(model_dir)
+    global KEY
+    with database_url(settings) as conninfo, tempfile.TemporaryDirectory() as tmp:
+        from feedback.migrate import migrate
+
+        migrate(conninfo)
+        _, KEY = make_key(conninfo, "chat", "bench")
+        engine_port = free_port()
+        env = {
+            "RATCHET_DATA_DIR": str(settings.data_dir),
+            "RATCHET_ENGINE_PORT": str(engine_port),
+            "RATCHET_BASE_MODEL": str(model_dir),
+        }
+        if not os.environ.get("DATABASE_URL"):
+            env["DATABASE_URL"] = conninfo
+        gw = start_gateway(env, Path(tmp) / "serve.log")
+        try:
+            engine = f"http://127.0.0.1:{engine_port}"
+            engine_model = httpx.get(engine + "/v1/models").json()["data"][0]["id"]
+            figures = asyncio.run(measure(args, (engine, engine_model), (gw.url, "base")))
+        finally:
+            gw.stop()
+    print(json.dumps(figures))
+
+
+async def measure(
+    args: argparse.Namespace, direct: tuple[str, str], gateway: tuple[str, str]
+) -> dict[str, float]:
+    sides = {"d": direct, "g": gateway}
+    for url, model in (direct, gateway):  # warm-up
+        await round_(url, KEY, model, 16, args.concurrency, 16, False)
+    figures: dict[str, float] = {}
+    for stream, rounds in ((False, args.rounds), (True, args.stream_rounds)):
+        tps: dict[str, list[float]] = {"d": [], "g": []}
+        lats: dict[str, list[float]] = {"d": [], "g": []}
+        order = "dggd" * (rounds // 2)
+        for i, side in enumerate(order):
+            url, model = sides[side]
+            rate, latencies = await round_(
+                url, KEY, model, args.requests, args.concurrency, args.max_tokens, stream
+            )
+            tps[side].append(rate)
+            lats[side].extend(latencies)
+            print(
+                f"round {i + 1:2d} {'stream' if stream else 'plain '} "
+                f"{'gateway' if side == 'g' else 'direct '}: {rate:6.1f} tok/s, "
+                f"p50 {statistics.median(latencies) * 1000:7.1f} ms",
+                flush=True,
+            )
+        prefix = "stream_" if stream else ""
+        figures[prefix + "direct_tok_s"] = round(statistics.mean(tps["d"]), 1)
+        figures[prefix + "gateway_tok_s"] = round(statistics.mean(tps["g"]), 1)
+        figures[prefix + "throughput_ratio"] = round(sum(tps["g"]) / sum(tps["d"]), 3)
+        figures[prefix + "added_p50_ms"] = round(
+            (statistics.median(lats["g"]) - statistics.median(lats["d"])) * 1000, 1
+        )
+    d50, g50 = await probe(direct, gateway, args.probes)
+    figures["idle_direct_p50_ms"] = round(d50, 2)
+    figures["idle_added_p50_ms"] = round(g50 - d50, 2)
+    return figures
+
+
+if __name__ == "__main__":
+    main()
