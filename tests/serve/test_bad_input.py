@@ -62,6 +62,7 @@ class TestChatRequests:
         error = error_of(response, 404)
         assert (error["param"], error["code"]) == ("model", "model_not_found")
 
+    @pytest.mark.usefixtures("no_candidate")
     def test_candidate_when_none_exists(
         self, app_client: TestClient, chat_key: tuple[str, str]
     ) -> None:
