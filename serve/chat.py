@@ -22,24 +22,13 @@ from feedback.completions import CompletionRecord
 from ratchet.keys import ApiKey
 from serve.engine import EngineClient
 from serve.errors import EngineError, InvalidRequest
+from serve.ids import COMPLETION_ID
 from serve.metrics import Metrics
 from serve.protocol import ChatCompletionRequest
 from serve.routing import ModelRouter, Target
 
 T = TypeVar("T")
-ID_PREFIX = "chatcmpl-"
 _NOT_PARAMS = {"model", "messages", "stream", "stream_options", "user"}
-
-
-def completion_id(uid: uuid.UUID) -> str:
-    return ID_PREFIX + uid.hex
-
-
-def parse_completion_id(value: str) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(value.removeprefix(ID_PREFIX))
-    except ValueError:
-        return None
 
 
 @dataclass
@@ -90,7 +79,7 @@ class ChatService:
         body = self._engine_body(request, target)
         response = await self._with_reload(target, lambda: self.engine.chat(body, uid.hex))
         latency = time.perf_counter() - started
-        response["id"], response["model"] = completion_id(uid), request.model
+        response["id"], response["model"] = COMPLETION_ID.format(uid), request.model
         choice = response["choices"][0]
         usage = response.get("usage") or {}
         record = self._record(request, target, key, uid, stream=False).model_copy(

@@ -14,6 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 from feedback import comparisons, completions
 from ratchet.keys import ApiKey
 from serve.chat import ChatService
+from serve.ids import COMPARISON_ID
 from serve.protocol import (
     ChatCompletionRequest,
     ComparisonAnswer,
@@ -21,19 +22,6 @@ from serve.protocol import (
     ComparisonResponse,
 )
 from serve.routing import ModelRouter
-
-ID_PREFIX = "cmp-"
-
-
-def comparison_id(uid: uuid.UUID) -> str:
-    return ID_PREFIX + uid.hex
-
-
-def parse_comparison_id(value: str) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(value.removeprefix(ID_PREFIX))
-    except ValueError:
-        return None
 
 
 class ComparisonService:
@@ -77,7 +65,9 @@ class ComparisonService:
                 completion_a=rec_a.id,
                 completion_b=rec_b.id,
             )
-        return ComparisonResponse(id=comparison_id(uid), a=_answer(resp_a), b=_answer(resp_b))
+        return ComparisonResponse(
+            id=COMPARISON_ID.format(uid), a=_answer(resp_a), b=_answer(resp_b)
+        )
 
     async def _contenders(self) -> tuple[str, str]:
         listed = {t.public for t in await self.router.available()}

@@ -127,3 +127,13 @@ def make_lora(base_dir: Path, out_dir: Path, seed: int, scale: float = 0.5) -> P
                 param.normal_(0.0, scale)
     peft_model.save_pretrained(str(out_dir))
     return out_dir
+
+
+def register_adapter(gateway: Gateway, ops_secret: str, path: Path) -> httpx.Response:
+    """POST /v1/admin/adapters for `path`."""
+    return httpx.post(
+        gateway.url + "/v1/admin/adapters",
+        headers=auth(ops_secret),
+        json={"path": str(path)},
+        timeout=60,
+    )

@@ -2,10 +2,9 @@ from fastapi import APIRouter
 
 from feedback import comparisons, votes
 from feedback.errors import AlreadyDecided, UnknownComparison, UnknownCompletion
-from serve.chat import parse_completion_id
-from serve.comparisons import comparison_id, parse_comparison_id
 from serve.deps import ChatKey, ServicesDep
 from serve.errors import Conflict, NotFound
+from serve.ids import COMPARISON_ID, COMPLETION_ID
 from serve.protocol import (
     ChoiceRequest,
     ChoiceResponse,
@@ -23,7 +22,7 @@ async def give_feedback(
     request: FeedbackRequest, key: ChatKey, services: ServicesDep
 ) -> FeedbackResponse:
     """Thumbs up/down on an answer; a repeat by the same user replaces the vote."""
-    uid = parse_completion_id(request.completion_id)
+    uid = COMPLETION_ID.parse(request.completion_id)
     if uid is None:
         raise _unknown_completion(request.completion_id)
     try:
@@ -63,7 +62,7 @@ async def choose(
     comparison: str, request: ChoiceRequest, _: ChatKey, services: ServicesDep
 ) -> ChoiceResponse:
     """Record which answer the user preferred; the first decision stands."""
-    uid = parse_comparison_id(comparison)
+    uid = COMPARISON_ID.parse(comparison)
     if uid is None:
         raise NotFound(
             f"No comparison with id {comparison!r}.", param="id", code="comparison_not_found"
@@ -83,7 +82,7 @@ async def choose(
         ) from exc
     services.metrics.choices.labels(request.choice).inc()
     assert decided.choice is not None
-    return ChoiceResponse(id=comparison_id(decided.id), choice=decided.choice)
+    return ChoiceResponse(id=COMPARISON_ID.format(decided.id), choice=decided.choice)
 
 
 def _unknown_completion(value: str) -> NotFound:

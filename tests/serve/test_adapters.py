@@ -10,7 +10,7 @@ import pytest
 
 from ratchet.hashing import adapter_sha256
 from ratchet.registry import engine_name_for
-from tests.helpers import Gateway, auth, counts, make_lora, query
+from tests.helpers import Gateway, auth, counts, make_lora, query, register_adapter
 
 GREEDY = {
     "messages": [{"role": "user", "content": "Name three colors."}],
@@ -50,12 +50,7 @@ def test_candidate_answers_differ_from_base_without_restart(
     pid_before = engine_pid(gateway)
     base = answer(gateway, chat_key[1], "base")
     assert base.status_code == 200
-    response = httpx.post(
-        gateway.url + "/v1/admin/adapters",
-        headers=auth(ops_key[1]),
-        json={"path": str(lora_dir)},
-        timeout=60,
-    )
+    response = register_adapter(gateway, ops_key[1], lora_dir)
     assert response.status_code == 201, response.text
     adapter = response.json()
     sha = adapter_sha256(lora_dir)
@@ -119,12 +114,7 @@ def test_registering_the_same_adapter_twice_is_409(
     gateway: Gateway, ops_key: tuple[str, str], lora_dir: Path, database_url: str
 ) -> None:
     before = counts(database_url)
-    response = httpx.post(
-        gateway.url + "/v1/admin/adapters",
-        headers=auth(ops_key[1]),
-        json={"path": str(lora_dir)},
-        timeout=60,
-    )
+    response = register_adapter(gateway, ops_key[1], lora_dir)
     assert response.status_code == 409 and response.json()["error"]["code"] == "adapter_exists"
     assert counts(database_url) == before
 
@@ -151,12 +141,7 @@ def test_bad_adapters_are_refused_and_leave_nothing(
     stored_before = sorted(p.name for p in (data_dir / "adapters").iterdir())
     before = counts(database_url)
     for path in (tmp_path / "missing", tmp_path, broken, too_big):
-        response = httpx.post(
-            gateway.url + "/v1/admin/adapters",
-            headers=auth(ops_key[1]),
-            json={"path": str(path)},
-            timeout=60,
-        )
+        response = register_adapter(gateway, ops_key[1], path)
         assert response.status_code == 400, response.text
         assert response.json()["error"]["code"] == "invalid_adapter"
     assert counts(database_url) == before

@@ -9,7 +9,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import Gateway, auth, make_lora
+from tests.helpers import Gateway, auth, make_lora, register_adapter
 from tests.serve.test_adapters import GREEDY, engine_pid
 
 pytestmark = pytest.mark.disruptive
@@ -23,12 +23,7 @@ def test_dead_engine_is_restarted_and_adapters_come_back(
     tmp_path: Path,
 ) -> None:
     lora = make_lora(base_model_dir, tmp_path / "lora", seed=2)
-    registered = httpx.post(
-        gateway.url + "/v1/admin/adapters",
-        headers=auth(ops_key[1]),
-        json={"path": str(lora)},
-        timeout=60,
-    )
+    registered = register_adapter(gateway, ops_key[1], lora)
     assert registered.status_code == 201, registered.text
     chat = {"model": "candidate", **GREEDY}
     before = httpx.post(

@@ -1,6 +1,7 @@
 """End to end: `ratchet serve` + real vLLM + real Postgres, driven by the official client."""
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -201,3 +202,34 @@ def test_prompt_over_engine_context_is_a_clean_400(
         client.chat.completions.create(model="base", messages=long, max_tokens=8)
     assert "context" in str(caught.value).lower() or "length" in str(caught.value).lower()
     assert counts(database_url) == before
+
+
+def test_client_leaving_mid_stream_leaves_an_aborted_row(
+    gateway: Gateway, chat_key: tuple[str, str], database_url: str
+) -> None:
+    body = {
+        "model": "base",
+        "messages": QUESTION,
+        "max_tokens": 200,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    with httpx.stream(
+        "POST",
+        gateway.url + "/v1/chat/completions",
+        json=body,
+        headers=auth(chat_key[1]),
+        timeout=60,
+    ) as response:
+        lines = response.iter_lines()
+        first = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+    uid = first["id"].removeprefix("chatcmpl-")
+    deadline = time.monotonic() + 30
+    while (row := query(database_url, "SELECT * FROM completions WHERE id = %s", uid)[0])[
+        "status"
+    ] == "streaming":
+        assert time.monotonic() < deadline, "row never left 'streaming'"
+        time.sleep(0.2)
+    assert row["status"] == "aborted"
+    assert (row["completion_tokens"] or 0) < 200
+    assert row["latency_ms"] is not None
