@@ -1,7 +1,5 @@
 """The answer log: one row per answer the gateway gave, with its full provenance."""
 
-import hashlib
-import json
 import uuid
 from datetime import datetime
 from typing import Any, Literal
@@ -10,6 +8,10 @@ from psycopg import AsyncConnection
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel
+
+from feedback.prompts import prompt_sha256
+
+__all__ = ["Completion", "CompletionRecord", "finish", "get", "insert", "prompt_sha256"]
 
 CompletionStatus = Literal["streaming", "complete", "aborted"]
 
@@ -39,12 +41,6 @@ class CompletionRecord(BaseModel):
 
 class Completion(CompletionRecord):
     created_at: datetime
-
-
-def prompt_sha256(messages: list[dict[str, Any]]) -> str:
-    """Hash of the conversation, canonicalized (sorted keys, no whitespace)."""
-    canonical = json.dumps(messages, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 _FIELDS = list(CompletionRecord.model_fields)

@@ -27,3 +27,23 @@ class AlreadyDecided(FeedbackError):
     def __init__(self, comparison_id: str, choice: str) -> None:
         super().__init__(f"comparison {comparison_id} was already decided as {choice!r}")
         self.choice = choice
+
+
+class NotEnoughPairs(FeedbackError):
+    """The votes yield fewer pairs than asked for; no snapshot was written."""
+
+    def __init__(self, found: int, wanted: int, counts: dict[str, object]) -> None:
+        super().__init__(
+            f"only {found} preference pairs (need {wanted}); no snapshot written. counts: {counts}"
+        )
+        self.found = found
+        self.wanted = wanted
+        self.counts = counts
+
+
+class UnknownSnapshot(FeedbackError):
+    """No snapshot with this id exists."""
+
+
+class SnapshotCorrupted(FeedbackError):
+    """A snapshot's files are missing or do not match their recorded hashes."""

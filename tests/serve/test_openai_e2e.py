@@ -9,7 +9,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from feedback.completions import prompt_sha256
+from feedback.prompts import prompt_sha256
 from ratchet.model import MANIFEST
 from tests.helpers import Gateway, auth, counts, query
 

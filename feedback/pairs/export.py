@@ -1,0 +1,62 @@
+"""Export a snapshot for a trainer: TRL or Axolotl dataset directories, or JSONL.
+
+- `trl`: `prompt` (messages), `chosen`, `rejected` (one assistant message each), the
+  conversational preference format TRL's DPOTrainer takes unchanged.
+- `axolotl`: `conversation` (messages), `chosen`, `rejected` (one message dict each),
+  as read by Axolotl's DPO `chat_template.default` type with
+  `field_messages: conversation`.
+- `jsonl`: one object per pair, with its split, id and rule.
+"""
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from datasets import Dataset, DatasetDict
+
+from feedback.errors import FeedbackError
+from feedback.pairs.snapshots import Snapshot
+
+Format = Literal["trl", "axolotl", "jsonl"]
+FORMATS: tuple[Format, ...] = ("trl", "axolotl", "jsonl")
+
+
+def export(snapshot: Snapshot, fmt: Format, out: Path) -> Path:
+    """Write the snapshot's pairs to `out` in `fmt`; refuses to overwrite anything."""
+    if out.exists() and (out.is_file() or any(out.iterdir())):
+        raise FeedbackError(f"{out} already exists; choose a new path")
+    data = snapshot.load("pairs")
+    if fmt == "jsonl":
+        _jsonl(data, out)
+    elif fmt == "trl":
+        data.select_columns(["prompt", "chosen", "rejected"]).save_to_disk(str(out))
+    else:
+        DatasetDict({s: _axolotl(d) for s, d in data.items()}).save_to_disk(str(out))
+    return out
+
+
+def _axolotl(data: Dataset) -> Dataset:
+    def row(example: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "conversation": example["prompt"],
+            "chosen": example["chosen"][0],
+            "rejected": example["rejected"][0],
+        }
+
+    return data.map(row, remove_columns=data.column_names)
+
+
+def _jsonl(data: DatasetDict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as fh:
+        for split, rows in data.items():
+            for r in rows:
+                record = {
+                    "split": split,
+                    "id": r["id"],
+                    "rule": r["rule"],
+                    "prompt": r["prompt"],
+                    "chosen": r["chosen"][0]["content"],
+                    "rejected": r["rejected"][0]["content"],
+                }
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")

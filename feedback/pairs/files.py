@@ -1,0 +1,83 @@
+"""A snapshot's files: parquet in TRL's conversational formats, hashed and verified.
+
+Preference files hold `prompt` (messages), `chosen` and `rejected` (one assistant
+message each), plus `id` and `rule`; KTO files hold `prompt`, `completion` and
+`label`. Files are written to a temporary directory and renamed into place.
+"""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict
+
+from feedback.errors import SnapshotCorrupted
+from ratchet.hashing import sha256_file
+
+SPLITS = ("train", "test")
+
+
+def assistant(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
+def pair_records(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return {
+        "id": [r["id"] for r in rows],
+        "rule": [r["rule"] for r in rows],
+        "prompt": [r["prompt"] for r in rows],
+        "chosen": [assistant(r["chosen"]) for r in rows],
+        "rejected": [assistant(r["rejected"]) for r in rows],
+    }
+
+
+def kto_records(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return {
+        "prompt": [r["prompt"] for r in rows],
+        "completion": [assistant(r["completion"]) for r in rows],
+        "label": [r["label"] for r in rows],
+    }
+
+
+def write(
+    target: Path, pairs: dict[str, list[dict[str, Any]]], kto: dict[str, list[dict[str, Any]]]
+) -> dict[str, str]:
+    """Write the four parquet files into `target` atomically; return {file: sha256}."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        for split in SPLITS:
+            _to_parquet(pair_records(pairs[split]), tmp / f"pairs-{split}.parquet")
+            _to_parquet(kto_records(kto[split]), tmp / f"kto-{split}.parquet")
+        hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        tmp.chmod(0o755)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return hashes
+
+
+def _to_parquet(columns: dict[str, list[Any]], path: Path) -> None:
+    Dataset.from_dict(columns).to_parquet(str(path))
+
+
+def verify(path: Path, files: dict[str, str]) -> None:
+    """Raise SnapshotCorrupted when a file is missing or its bytes changed."""
+    for name, expected in sorted(files.items()):
+        file = path / name
+        if not file.is_file():
+            raise SnapshotCorrupted(f"snapshot file {file} is missing")
+        if sha256_file(file) != expected:
+            raise SnapshotCorrupted(
+                f"snapshot file {file} was altered: sha256 {sha256_file(file)[:12]}…, "
+                f"recorded {expected[:12]}…"
+            )
+
+
+def load(path: Path, files: dict[str, str], kind: str = "pairs") -> DatasetDict:
+    """The snapshot's `pairs` or `kto` data as train/test splits, after verification."""
+    verify(path, files)
+    return DatasetDict({s: Dataset.from_parquet(str(path / f"{kind}-{s}.parquet")) for s in SPLITS})

@@ -1,0 +1,219 @@
+"""The pair rules, each one SQL statement over the temporary tables of one build.
+
+The build first makes `answers` (every answer someone voted on or compared, with its
+net score and, if it may not be used, why) and an empty `candidates` table. Each
+rule below adds candidate pairs; `merge` then drops identical and duplicate pairs,
+splits by prompt hash and keeps the rest. Every dropped row is counted by reason.
+"""
+
+from typing import Any
+
+from psycopg import Connection
+
+from feedback.pairs.config import PairSettings
+
+# Chosen text shorter than this many tokens is dropped. Corrections carry no token
+# count, so theirs is estimated at 4 characters a token.
+_CHARS_PER_TOKEN = 4
+# Which rule a merged duplicate keeps: the most direct evidence first.
+PRIORITY = {"choice": 1, "correction": 2, "thumbs": 3}
+
+
+def _norm(column: str) -> str:
+    """SQL: the text as compared for sameness (case and runs of whitespace ignored)."""
+    return f"lower(btrim(regexp_replace({column}, '\\s+', ' ', 'g')))"
+
+
+def _split(column: str) -> str:
+    """SQL: 'test' for a held-out prompt hash, else 'train' (deterministic, by hash)."""
+    return (
+        f"CASE WHEN ('x' || substr({column}, 1, 8))::bit(32)::bigint %% 10000"
+        " < %(held_out)s THEN 'test' ELSE 'train' END"
+    )
+
+
+def params(settings: PairSettings, production_id: Any) -> dict[str, Any]:
+    return {
+        "k": settings.pairs_per_prompt,
+        "min_tokens": settings.min_answer_tokens,
+        "min_chars": settings.min_answer_tokens * _CHARS_PER_TOKEN,
+        "max_prompt": settings.max_prompt_tokens,
+        "held_out": round(settings.held_out_fraction * 10000),
+        "all_models": settings.models == "all",
+        "production": production_id,
+    }
+
+
+def answers(conn: Connection[Any], p: dict[str, Any]) -> None:
+    """Every voted or compared answer, with its net score (ups minus downs) and, when it
+    may not be used, the reason: `incomplete_answer`, `stale_model` (not from the
+    current production model or the base, unless `models: all`), `long_prompt` (over
+    `max_prompt_tokens`), `short_answer` (under `min_answer_tokens`)."""
+    conn.execute(
+        """
+        CREATE TEMP TABLE answers ON COMMIT DROP AS
+        WITH scored AS (
+            SELECT completion_id AS id, sum(rating)::int AS net,
+                   array_agg(id ORDER BY id) AS vote_ids
+            FROM votes GROUP BY completion_id
+        ), compared AS (
+            SELECT completion_a AS id FROM comparisons WHERE choice IS NOT NULL
+            UNION SELECT completion_b FROM comparisons WHERE choice IS NOT NULL
+        ), touched AS (SELECT id FROM scored UNION SELECT id FROM compared)
+        SELECT c.id, c.prompt_sha256, c.messages, c.output,
+               coalesce(s.net, 0) AS net, coalesce(s.vote_ids, '{}') AS vote_ids,
+               CASE
+                 WHEN c.status <> 'complete' OR c.output IS NULL THEN 'incomplete_answer'
+                 WHEN NOT (%(all_models)s OR c.adapter_id IS NULL
+                           OR c.adapter_id = %(production)s) THEN 'stale_model'
+                 WHEN coalesce(c.prompt_tokens, 0) > %(max_prompt)s THEN 'long_prompt'
+                 WHEN coalesce(c.completion_tokens, 0) < %(min_tokens)s THEN 'short_answer'
+               END AS dropped
+        FROM touched t JOIN completions c ON c.id = t.id
+        LEFT JOIN scored s ON s.id = t.id
+        """,
+        p,
+    )
+    conn.execute("CREATE INDEX ON answers (prompt_sha256)")
+    conn.execute(
+        """
+        CREATE TEMP TABLE candidates (
+            rule text NOT NULL, prompt_sha256 text NOT NULL, messages jsonb NOT NULL,
+            chosen_id uuid, rejected_id uuid NOT NULL, chosen text NOT NULL,
+            rejected text NOT NULL, vote_ids bigint[] NOT NULL, comparison_id uuid,
+            dropped text
+        ) ON COMMIT DROP
+        """
+    )
+
+
+def choice_pairs(conn: Connection[Any], p: dict[str, Any]) -> None:
+    """Pairwise choice: the winner is chosen, the loser rejected. `tie` and `both_bad`
+    make no pair (`both_bad` answers become KTO negatives instead). A pair with an
+    answer that may not be used is dropped with that answer's reason."""
+    conn.execute(
+        """
+        INSERT INTO candidates
+        SELECT 'choice', w.prompt_sha256, w.messages, w.id, l.id, w.output, l.output,
+               '{}', c.id, coalesce(w.dropped, l.dropped)
+        FROM comparisons c
+        JOIN answers w ON w.id = CASE c.choice WHEN 'a' THEN c.completion_a ELSE c.completion_b END
+        JOIN answers l ON l.id = CASE c.choice WHEN 'a' THEN c.completion_b ELSE c.completion_a END
+        WHERE c.choice IN ('a', 'b')
+        """,
+        p,
+    )
+
+
+def correction_pairs(conn: Connection[Any], p: dict[str, Any]) -> None:
+    """Correction: the user's corrected answer is chosen, the original rejected. The
+    correction must itself pass the length filter (estimated at 4 chars a token)."""
+    conn.execute(
+        f"""
+        INSERT INTO candidates
+        SELECT 'correction', a.prompt_sha256, a.messages, NULL, a.id, btrim(v.correction),
+               a.output, ARRAY[v.id], NULL,
+               coalesce(a.dropped, CASE WHEN char_length(btrim(v.correction)) < %(min_chars)s
+                                        THEN 'short_answer' END)
+        FROM votes v JOIN answers a ON a.id = v.completion_id
+        WHERE {_norm("coalesce(v.correction, '')")} <> ''
+        """,
+        p,
+    )
+
+
+def thumbs_pairs(conn: Connection[Any], p: dict[str, Any]) -> None:
+    """Thumbs: for the same prompt (hash of the conversation up to the last user turn),
+    every answer with a positive net score against every answer with a negative one.
+    An answer voted both ways counts by its net score; a net of 0 is dropped
+    (`net_zero`). At most K pairs per prompt are kept (`pairs_per_prompt`), the widest
+    margins first, ties broken by a hash of the two answer ids; the rest are
+    `over_cap`."""
+    conn.execute(
+        """
+        INSERT INTO candidates
+        SELECT 'thumbs', prompt_sha256, messages, up_id, down_id, up_text, down_text,
+               vote_ids, NULL, CASE WHEN rank > %(k)s THEN 'over_cap' END
+        FROM (
+            SELECT u.prompt_sha256, u.messages, u.id AS up_id, d.id AS down_id,
+                   u.output AS up_text, d.output AS down_text, u.vote_ids || d.vote_ids AS vote_ids,
+                   row_number() OVER (PARTITION BY u.prompt_sha256
+                       ORDER BY u.net - d.net DESC, md5(u.id::text || d.id::text)) AS rank
+            FROM answers u JOIN answers d ON d.prompt_sha256 = u.prompt_sha256
+            WHERE u.net > 0 AND d.net < 0 AND u.dropped IS NULL AND d.dropped IS NULL
+        ) ranked
+        """,
+        p,
+    )
+
+
+def merge(conn: Connection[Any], p: dict[str, Any], snapshot_id: int) -> None:
+    """Drops pairs whose chosen and rejected texts are equal after normalization
+    (`identical`) and merges duplicates of one (prompt, chosen, rejected), keeping the
+    most direct rule and every source (`duplicate` counts the merged extras). Splits by
+    prompt hash and writes `pairs` and `pair_sources` under `snapshot_id`."""
+    conn.execute(
+        f"""
+        UPDATE candidates SET dropped = 'identical'
+        WHERE dropped IS NULL AND {_norm("chosen")} = {_norm("rejected")}
+        """
+    )
+    conn.execute(
+        f"""
+        CREATE TEMP TABLE kept ON COMMIT DROP AS
+        SELECT encode(sha256(convert_to(prompt_sha256 || ':' || md5({_norm("chosen")})
+                      || ':' || md5({_norm("rejected")}), 'UTF8')), 'hex') AS pair_id, *
+        FROM candidates WHERE dropped IS NULL
+        """
+    )
+    order = "CASE rule WHEN 'choice' THEN 1 WHEN 'correction' THEN 2 ELSE 3 END"
+    conn.execute(
+        f"""
+        INSERT INTO pairs (snapshot_id, id, split, rule, prompt_sha256, prompt, chosen, rejected)
+        SELECT DISTINCT ON (pair_id) %(snapshot)s, pair_id, {_split("prompt_sha256")}, rule,
+               prompt_sha256, ratchet_prompt(messages), chosen, rejected
+        FROM kept ORDER BY pair_id, {order}, chosen, rejected, rejected_id
+        """,
+        {**p, "snapshot": snapshot_id},
+    )
+    conn.execute(
+        """
+        INSERT INTO pair_sources (snapshot_id, pair_id, vote_id, comparison_id, completion_id)
+        SELECT DISTINCT %(snapshot)s, k.pair_id, v.id, NULL::uuid, v.completion_id
+        FROM kept k CROSS JOIN LATERAL unnest(k.vote_ids) AS u (vote_id)
+        JOIN votes v ON v.id = u.vote_id
+        UNION
+        SELECT %(snapshot)s, k.pair_id, NULL, k.comparison_id, x.completion_id
+        FROM kept k CROSS JOIN LATERAL (VALUES (k.chosen_id), (k.rejected_id)) AS x (completion_id)
+        WHERE k.comparison_id IS NOT NULL
+        """,
+        {"snapshot": snapshot_id},
+    )
+
+
+def kto_rows(conn: Connection[Any], p: dict[str, Any], snapshot_id: int) -> None:
+    """Unpaired votes for KTO: usable answers with a non-zero net score that are in no
+    pair, labelled by the sign of their score, plus both answers of every `both_bad`
+    comparison as negatives. Split by prompt hash like the pairs."""
+    conn.execute(
+        f"""
+        INSERT INTO kto_rows (snapshot_id, completion_id, split, prompt_sha256, prompt,
+                              completion, label)
+        SELECT DISTINCT ON (a.id) %(snapshot)s, a.id, {_split("a.prompt_sha256")},
+               a.prompt_sha256, ratchet_prompt(a.messages), a.output, label
+        FROM (
+            SELECT id, net > 0 AS label, 1 AS source FROM answers
+            WHERE net <> 0 AND dropped IS NULL
+            UNION ALL
+            SELECT unnest(ARRAY[completion_a, completion_b]), false, 2
+            FROM comparisons WHERE choice = 'both_bad'
+        ) s JOIN answers a ON a.id = s.id
+        WHERE a.dropped IS NULL
+          AND NOT EXISTS (SELECT 1 FROM kept k WHERE a.id IN (k.chosen_id, k.rejected_id))
+        ORDER BY a.id, s.source
+        """,
+        {**p, "snapshot": snapshot_id},
+    )
+
+
+RULES = (choice_pairs, correction_pairs, thumbs_pairs)
