@@ -2,6 +2,7 @@
 and one supervised `ratchet serve` (real vLLM CPU engine) shared by the suite."""
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,8 @@ from psycopg import sql
 
 from feedback.migrate import migrate
 from ratchet.model import MANIFEST, prepare_default
-from tests.helpers import ROOT, Gateway, make_key, start_gateway
+from ratchet.settings import Settings
+from tests.helpers import ROOT, Gateway, make_key, query, start_gateway
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -90,3 +92,14 @@ def ops_key(database_url: str) -> tuple[str, str]:
 @pytest.fixture(scope="session")
 def reviewer_key(database_url: str) -> tuple[str, str]:
     return make_key(database_url, "reviewer")
+
+
+@pytest.fixture
+def no_candidate(database_url: str) -> None:
+    """Retire every adapter still on its way to production (other modules register some)."""
+    retired = query(
+        database_url,
+        "UPDATE adapters SET status = 'retired' WHERE status <> 'retired' RETURNING id",
+    )
+    if retired:
+        time.sleep(Settings().registry_cache_seconds + 0.2)  # let gateways' caches expire

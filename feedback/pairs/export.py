@@ -10,15 +10,18 @@
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, Features, Value
 
 from feedback.errors import FeedbackError
+from feedback.pairs.files import MESSAGES
 from feedback.pairs.snapshots import Snapshot
 
 Format = Literal["trl", "axolotl", "jsonl"]
 FORMATS: tuple[Format, ...] = ("trl", "axolotl", "jsonl")
+_MESSAGE = {"role": Value("string"), "content": Value("string")}
+AXOLOTL_FEATURES = Features({"conversation": MESSAGES, "chosen": _MESSAGE, "rejected": _MESSAGE})
 
 
 def export(snapshot: Snapshot, fmt: Format, out: Path) -> Path:
@@ -29,21 +32,27 @@ def export(snapshot: Snapshot, fmt: Format, out: Path) -> Path:
     if fmt == "jsonl":
         _jsonl(data, out)
     elif fmt == "trl":
-        data.select_columns(["prompt", "chosen", "rejected"]).save_to_disk(str(out))
+        _save(data.select_columns(["prompt", "chosen", "rejected"]), out)
     else:
-        DatasetDict({s: _axolotl(d) for s, d in data.items()}).save_to_disk(str(out))
+        _save(DatasetDict({s: _axolotl(d) for s, d in data.items()}), out)
     return out
 
 
-def _axolotl(data: Dataset) -> Dataset:
-    def row(example: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "conversation": example["prompt"],
-            "chosen": example["chosen"][0],
-            "rejected": example["rejected"][0],
-        }
+def _save(data: DatasetDict, out: Path) -> None:
+    # One shard per split, even an empty one: with zero shards load_from_disk fails.
+    data.save_to_disk(str(out), num_shards=dict.fromkeys(data, 1))
 
-    return data.map(row, remove_columns=data.column_names)
+
+def _axolotl(data: Dataset) -> Dataset:
+    # Built column-wise with explicit features: `map` on an empty split drops its columns.
+    return Dataset.from_dict(
+        {
+            "conversation": data["prompt"],
+            "chosen": [m[0] for m in data["chosen"]],
+            "rejected": [m[0] for m in data["rejected"]],
+        },
+        features=AXOLOTL_FEATURES,
+    )
 
 
 def _jsonl(data: DatasetDict, out: Path) -> None:

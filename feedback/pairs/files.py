@@ -11,12 +11,25 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, DatasetDict
+import pyarrow.parquet as pq
+from datasets import Dataset, DatasetDict, Features, List, Value
 
 from feedback.errors import SnapshotCorrupted
 from ratchet.hashing import sha256_file
 
 SPLITS = ("train", "test")
+MESSAGES = List({"role": Value("string"), "content": Value("string")})
+# Explicit, so that an empty split still has its columns and types.
+PAIR_FEATURES = Features(
+    {
+        "id": Value("string"),
+        "rule": Value("string"),
+        "prompt": MESSAGES,
+        "chosen": MESSAGES,
+        "rejected": MESSAGES,
+    }
+)
+KTO_FEATURES = Features({"prompt": MESSAGES, "completion": MESSAGES, "label": Value("bool")})
 
 
 def assistant(text: str) -> list[dict[str, str]]:
@@ -49,8 +62,8 @@ def write(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         for split in SPLITS:
-            _to_parquet(pair_records(pairs[split]), tmp / f"pairs-{split}.parquet")
-            _to_parquet(kto_records(kto[split]), tmp / f"kto-{split}.parquet")
+            _to_parquet(pair_records(pairs[split]), PAIR_FEATURES, tmp / f"pairs-{split}.parquet")
+            _to_parquet(kto_records(kto[split]), KTO_FEATURES, tmp / f"kto-{split}.parquet")
         hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         tmp.chmod(0o755)
         os.rename(tmp, target)
@@ -60,8 +73,8 @@ def write(
     return hashes
 
 
-def _to_parquet(columns: dict[str, list[Any]], path: Path) -> None:
-    Dataset.from_dict(columns).to_parquet(str(path))
+def _to_parquet(columns: dict[str, list[Any]], features: Features, path: Path) -> None:
+    Dataset.from_dict(columns, features=features).to_parquet(str(path))
 
 
 def verify(path: Path, files: dict[str, str]) -> None:
@@ -80,4 +93,5 @@ def verify(path: Path, files: dict[str, str]) -> None:
 def load(path: Path, files: dict[str, str], kind: str = "pairs") -> DatasetDict:
     """The snapshot's `pairs` or `kto` data as train/test splits, after verification."""
     verify(path, files)
-    return DatasetDict({s: Dataset.from_parquet(str(path / f"{kind}-{s}.parquet")) for s in SPLITS})
+    # Read with pyarrow: `Dataset.from_parquet` refuses empty files and fills the cache.
+    return DatasetDict({s: Dataset(pq.read_table(path / f"{kind}-{s}.parquet")) for s in SPLITS})

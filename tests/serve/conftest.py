@@ -1,4 +1,3 @@
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -7,7 +6,7 @@ from fastapi.testclient import TestClient
 
 from ratchet.settings import Settings
 from serve.app import create_app
-from tests.helpers import Gateway, query
+from tests.helpers import Gateway
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +28,3 @@ def app_client(settings: Settings, gateway: Gateway) -> Iterator[TestClient]:
     app = create_app(settings, settings.database_url, engine_url=gateway.engine_url)
     with TestClient(app) as client:
         yield client
-
-
-@pytest.fixture
-def no_candidate(database_url: str) -> None:
-    """Retire every adapter still on its way to production (other modules register some)."""
-    retired = query(
-        database_url,
-        "UPDATE adapters SET status = 'retired' WHERE status <> 'retired' RETURNING id",
-    )
-    if retired:
-        time.sleep(Settings().registry_cache_seconds + 0.2)  # let gateways' caches expire
