@@ -45,15 +45,18 @@ CREATE TABLE pairs (
     PRIMARY KEY (snapshot_id, id)
 );
 
+-- One row per (pair, answer behind it): the votes on that answer that the pair rests
+-- on, or the comparison it came from. Arrays rather than a row per vote keep a large
+-- build to a few hundred thousand rows instead of millions. No foreign keys on
+-- purpose: rows are made by joins on those very tables in the build's own
+-- transaction, and FK trigger checks would double its time.
 CREATE TABLE pair_sources (
     snapshot_id    bigint NOT NULL,
     pair_id        text NOT NULL,
-    vote_id        bigint REFERENCES votes (id),
-    comparison_id  uuid REFERENCES comparisons (id),
-    completion_id  uuid NOT NULL REFERENCES completions (id),
-    CHECK (vote_id IS NOT NULL OR comparison_id IS NOT NULL),
-    FOREIGN KEY (snapshot_id, pair_id) REFERENCES pairs (snapshot_id, id)
-        DEFERRABLE INITIALLY DEFERRED
+    completion_id  uuid NOT NULL,
+    vote_ids       bigint[] NOT NULL DEFAULT '{}',
+    comparison_id  uuid,
+    CHECK (cardinality(vote_ids) > 0 OR comparison_id IS NOT NULL)
 );
 CREATE INDEX pair_sources_pair ON pair_sources (snapshot_id, pair_id);
 

@@ -3,10 +3,13 @@ record the snapshot row last. Nothing is left behind when anything fails."""
 
 import hashlib
 import json
+import logging
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,8 @@ from feedback.errors import NotEnoughPairs
 from feedback.pairs import files, rules
 from feedback.pairs.config import PairSettings
 from feedback.pairs.snapshots import Snapshot, get
+
+log = logging.getLogger(__name__)
 
 # A preview's rows are written under this id and rolled back.
 _PREVIEW_ID = 0
@@ -57,11 +62,16 @@ def _run_rules(
         "SELECT to_adapter_id AS id FROM promotions ORDER BY id DESC LIMIT 1"
     ).fetchone()
     p = rules.params(settings, production["id"] if production else None)
-    rules.answers(conn, p)
-    for rule in rules.RULES:
-        rule(conn, p)
-    rules.merge(conn, p, snapshot_id)
-    rules.kto_rows(conn, p, snapshot_id)
+    steps: list[tuple[str, Callable[[], None]]] = [("answers", lambda: rules.answers(conn, p))]
+    steps += [(rule.__name__, partial(rule, conn, p)) for rule in rules.RULES]
+    steps += [
+        ("merge", lambda: rules.merge(conn, p, snapshot_id)),
+        ("kto_rows", lambda: rules.kto_rows(conn, p, snapshot_id)),
+    ]
+    for name, step in steps:
+        started = time.perf_counter()
+        step()
+        log.info("pair rule %s: %.2f s", name, time.perf_counter() - started)
     return _counts(conn, snapshot_id)
 
 
@@ -73,7 +83,8 @@ def _counts(conn: Connection[dict[str, Any]], snapshot_id: int) -> Counts:
         "SELECT (SELECT count(*) FROM votes) AS votes,"
         " (SELECT count(*) FROM comparisons WHERE choice IS NOT NULL) AS comparisons,"
         " (SELECT count(*) FROM answers) AS answers,"
-        " (SELECT count(*) - count(DISTINCT pair_id) FROM kept) AS duplicate"
+        " (SELECT count(*) - count(DISTINCT pair_id) FROM kept) AS duplicate,"
+        " (SELECT count(*) FROM candidates WHERE dropped IS NULL AND ch = rh) AS identical"
     ).fetchone()
     assert one is not None
     dropped_answers = grouped(
@@ -83,8 +94,9 @@ def _counts(conn: Connection[dict[str, Any]], snapshot_id: int) -> Counts:
     dropped_pairs = grouped(
         "SELECT dropped AS k, count(*) AS n FROM candidates WHERE dropped IS NOT NULL GROUP BY 1"
     )
-    if one["duplicate"]:
-        dropped_pairs["duplicate"] = int(one["duplicate"])
+    for reason in ("duplicate", "identical"):
+        if one[reason]:
+            dropped_pairs[reason] = int(one[reason])
     kto = grouped(
         "SELECT split AS k, count(*) AS n FROM kto_rows WHERE snapshot_id = %(s)s GROUP BY 1"
     )
@@ -167,34 +179,47 @@ def _scalar(conn: Connection[dict[str, Any]], sql: str) -> Any:
 def _rows(
     conn: Connection[dict[str, Any]], snapshot_id: int
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
-    pairs: dict[str, list[dict[str, Any]]] = {s: [] for s in files.SPLITS}
-    for row in conn.execute(
-        "SELECT split, id, rule, prompt, chosen, rejected FROM pairs"
+    """The snapshot's rows by split, in a fixed order; each prompt parsed once."""
+    prompts: dict[str, Any] = {}
+    for table in ("pairs", "kto_rows"):
+        for row in conn.execute(
+            f"SELECT DISTINCT ON (prompt_sha256) prompt_sha256, prompt::text AS prompt FROM {table}"
+            " WHERE snapshot_id = %s ORDER BY prompt_sha256",
+            (snapshot_id,),
+        ):
+            prompts.setdefault(row["prompt_sha256"], json.loads(row["prompt"]))
+    queries = {
+        "pairs": "SELECT split, id, rule, prompt_sha256, chosen, rejected FROM pairs"
         " WHERE snapshot_id = %s ORDER BY split, id",
-        (snapshot_id,),
-    ):
-        pairs[row["split"]].append(row)
-    kto: dict[str, list[dict[str, Any]]] = {s: [] for s in files.SPLITS}
-    for row in conn.execute(
-        "SELECT split, completion_id::text AS id, prompt, completion, label FROM kto_rows"
-        " WHERE snapshot_id = %s ORDER BY split, completion_id",
-        (snapshot_id,),
-    ):
-        kto[row["split"]].append(row)
-    return pairs, kto
+        "kto": "SELECT split, completion_id::text AS id, prompt_sha256, completion, label"
+        " FROM kto_rows WHERE snapshot_id = %s ORDER BY split, completion_id",
+    }
+    found: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for kind, query in queries.items():
+        by_split: dict[str, list[dict[str, Any]]] = {s: [] for s in files.SPLITS}
+        for row in conn.execute(query, (snapshot_id,)):
+            row["prompt"] = prompts[row["prompt_sha256"]]
+            by_split[row["split"]].append(row)
+        found[kind] = by_split
+    return found["pairs"], found["kto"]
+
+
+_HASHED = {
+    "pairs": ("id", "rule", "prompt_sha256", "chosen", "rejected"),
+    "kto": ("id", "prompt_sha256", "completion", "label"),
+}
 
 
 def content_sha256(
     pairs: dict[str, list[dict[str, Any]]], kto: dict[str, list[dict[str, Any]]]
 ) -> str:
-    """Hash of every row's content, in a fixed order; independent of the snapshot id."""
+    """Hash of every row's content, in a fixed order; independent of the snapshot id.
+
+    A prompt enters through its hash, which is a hash of its canonical content."""
     digest = hashlib.sha256()
     for kind, rows_by_split in (("pairs", pairs), ("kto", kto)):
         for split in files.SPLITS:
             for row in rows_by_split[split]:
-                digest.update(kind.encode() + b"\0")
-                digest.update(
-                    json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode()
-                )
-                digest.update(b"\n")
+                fields = (kind, split, *(str(row[k]) for k in _HASHED[kind]))
+                digest.update("\0".join(fields).encode() + b"\n")
     return digest.hexdigest()

@@ -50,18 +50,19 @@ def answers(conn: Connection[Any], p: dict[str, Any]) -> None:
     current production model or the base, unless `models: all`), `long_prompt` (over
     `max_prompt_tokens`), `short_answer` (under `min_answer_tokens`)."""
     conn.execute(
-        """
+        f"""
         CREATE TEMP TABLE answers ON COMMIT DROP AS
         WITH scored AS (
             SELECT completion_id AS id, sum(rating)::int AS net,
-                   array_agg(id ORDER BY id) AS vote_ids
+                   array_agg(id) AS vote_ids
             FROM votes GROUP BY completion_id
         ), compared AS (
             SELECT completion_a AS id FROM comparisons WHERE choice IS NOT NULL
             UNION SELECT completion_b FROM comparisons WHERE choice IS NOT NULL
         ), touched AS (SELECT id FROM scored UNION SELECT id FROM compared)
         SELECT c.id, c.prompt_sha256, c.messages, c.output,
-               coalesce(s.net, 0) AS net, coalesce(s.vote_ids, '{}') AS vote_ids,
+               md5({_norm("coalesce(c.output, '')")}) AS norm,
+               coalesce(s.net, 0) AS net, coalesce(s.vote_ids, '{{}}') AS vote_ids,
                CASE
                  WHEN c.status <> 'complete' OR c.output IS NULL THEN 'incomplete_answer'
                  WHEN NOT (%(all_models)s OR c.adapter_id IS NULL
@@ -75,13 +76,16 @@ def answers(conn: Connection[Any], p: dict[str, Any]) -> None:
         p,
     )
     conn.execute("CREATE INDEX ON answers (prompt_sha256)")
+    conn.execute("ANALYZE answers")  # temp tables are never auto-analyzed
     conn.execute(
         """
         CREATE TEMP TABLE candidates (
-            rule text NOT NULL, prompt_sha256 text NOT NULL, messages jsonb NOT NULL,
-            chosen_id uuid, rejected_id uuid NOT NULL, chosen text NOT NULL,
-            rejected text NOT NULL, vote_ids bigint[] NOT NULL, comparison_id uuid,
-            dropped text
+            rule text NOT NULL, prompt_sha256 text NOT NULL,
+            chosen_id uuid, rejected_id uuid NOT NULL,
+            chosen_text text,  -- only when the chosen text is no logged answer (corrections)
+            ch text NOT NULL, rh text NOT NULL,  -- md5 of the normalized texts
+            chosen_votes bigint[] NOT NULL, rejected_votes bigint[] NOT NULL,
+            comparison_id uuid, dropped text
         ) ON COMMIT DROP
         """
     )
@@ -94,8 +98,8 @@ def choice_pairs(conn: Connection[Any], p: dict[str, Any]) -> None:
     conn.execute(
         """
         INSERT INTO candidates
-        SELECT 'choice', w.prompt_sha256, w.messages, w.id, l.id, w.output, l.output,
-               '{}', c.id, coalesce(w.dropped, l.dropped)
+        SELECT 'choice', w.prompt_sha256, w.id, l.id, NULL, w.norm, l.norm, '{}', '{}', c.id,
+               coalesce(w.dropped, l.dropped)
         FROM comparisons c
         JOIN answers w ON w.id = CASE c.choice WHEN 'a' THEN c.completion_a ELSE c.completion_b END
         JOIN answers l ON l.id = CASE c.choice WHEN 'a' THEN c.completion_b ELSE c.completion_a END
@@ -111,8 +115,8 @@ def correction_pairs(conn: Connection[Any], p: dict[str, Any]) -> None:
     conn.execute(
         f"""
         INSERT INTO candidates
-        SELECT 'correction', a.prompt_sha256, a.messages, NULL, a.id, btrim(v.correction),
-               a.output, ARRAY[v.id], NULL,
+        SELECT 'correction', a.prompt_sha256, NULL, a.id, btrim(v.correction),
+               md5({_norm("v.correction")}), a.norm, '{{}}', ARRAY[v.id], NULL,
                coalesce(a.dropped, CASE WHEN char_length(btrim(v.correction)) < %(min_chars)s
                                         THEN 'short_answer' END)
         FROM votes v JOIN answers a ON a.id = v.completion_id
@@ -132,11 +136,11 @@ def thumbs_pairs(conn: Connection[Any], p: dict[str, Any]) -> None:
     conn.execute(
         """
         INSERT INTO candidates
-        SELECT 'thumbs', prompt_sha256, messages, up_id, down_id, up_text, down_text,
-               vote_ids, NULL, CASE WHEN rank > %(k)s THEN 'over_cap' END
+        SELECT 'thumbs', prompt_sha256, up_id, down_id, NULL, up_norm, down_norm, up_votes,
+               down_votes, NULL, CASE WHEN rank > %(k)s THEN 'over_cap' END
         FROM (
-            SELECT u.prompt_sha256, u.messages, u.id AS up_id, d.id AS down_id,
-                   u.output AS up_text, d.output AS down_text, u.vote_ids || d.vote_ids AS vote_ids,
+            SELECT u.prompt_sha256, u.id AS up_id, d.id AS down_id, u.norm AS up_norm,
+                   d.norm AS down_norm, u.vote_ids AS up_votes, d.vote_ids AS down_votes,
                    row_number() OVER (PARTITION BY u.prompt_sha256
                        ORDER BY u.net - d.net DESC, md5(u.id::text || d.id::text)) AS rank
             FROM answers u JOIN answers d ON d.prompt_sha256 = u.prompt_sha256
@@ -153,39 +157,55 @@ def merge(conn: Connection[Any], p: dict[str, Any], snapshot_id: int) -> None:
     most direct rule and every source (`duplicate` counts the merged extras). Splits by
     prompt hash and writes `pairs` and `pair_sources` under `snapshot_id`."""
     conn.execute(
-        f"""
-        UPDATE candidates SET dropped = 'identical'
-        WHERE dropped IS NULL AND {_norm("chosen")} = {_norm("rejected")}
+        """
+        CREATE TEMP TABLE kept ON COMMIT DROP AS
+        SELECT encode(sha256(convert_to(prompt_sha256 || ':' || ch || ':' || rh, 'UTF8')),
+                      'hex') AS pair_id, *
+        FROM candidates WHERE dropped IS NULL AND ch <> rh
         """
     )
+    # The prompt text once per prompt, not once per pair.
     conn.execute(
-        f"""
-        CREATE TEMP TABLE kept ON COMMIT DROP AS
-        SELECT encode(sha256(convert_to(prompt_sha256 || ':' || md5({_norm("chosen")})
-                      || ':' || md5({_norm("rejected")}), 'UTF8')), 'hex') AS pair_id, *
-        FROM candidates WHERE dropped IS NULL
+        """
+        CREATE TEMP TABLE prompts ON COMMIT DROP AS
+        SELECT prompt_sha256, ratchet_prompt(messages) AS prompt FROM (
+            SELECT DISTINCT ON (a.prompt_sha256) a.prompt_sha256, a.messages
+            FROM (SELECT DISTINCT prompt_sha256 FROM kept) k
+            JOIN answers a ON a.prompt_sha256 = k.prompt_sha256
+            ORDER BY a.prompt_sha256, a.id
+        ) one_per_prompt
         """
     )
     order = "CASE rule WHEN 'choice' THEN 1 WHEN 'correction' THEN 2 ELSE 3 END"
     conn.execute(
         f"""
         INSERT INTO pairs (snapshot_id, id, split, rule, prompt_sha256, prompt, chosen, rejected)
-        SELECT DISTINCT ON (pair_id) %(snapshot)s, pair_id, {_split("prompt_sha256")}, rule,
-               prompt_sha256, ratchet_prompt(messages), chosen, rejected
-        FROM kept ORDER BY pair_id, {order}, chosen, rejected, rejected_id
+        SELECT %(snapshot)s, pair_id, {_split("k.prompt_sha256")}, rule, k.prompt_sha256,
+               pr.prompt, coalesce(k.chosen_text, ca.output), ra.output
+        FROM (SELECT DISTINCT ON (pair_id) * FROM kept
+              ORDER BY pair_id, {order}, rejected_id, chosen_id, chosen_text) k
+        JOIN prompts pr ON pr.prompt_sha256 = k.prompt_sha256
+        JOIN answers ra ON ra.id = k.rejected_id
+        LEFT JOIN answers ca ON ca.id = k.chosen_id
         """,
         {**p, "snapshot": snapshot_id},
     )
     conn.execute(
         """
-        INSERT INTO pair_sources (snapshot_id, pair_id, vote_id, comparison_id, completion_id)
-        SELECT DISTINCT %(snapshot)s, k.pair_id, v.id, NULL::uuid, v.completion_id
-        FROM kept k CROSS JOIN LATERAL unnest(k.vote_ids) AS u (vote_id)
-        JOIN votes v ON v.id = u.vote_id
-        UNION
-        SELECT %(snapshot)s, k.pair_id, NULL, k.comparison_id, x.completion_id
+        INSERT INTO pair_sources (snapshot_id, pair_id, completion_id, vote_ids, comparison_id)
+        -- thumbs: every vote on either answer (links made distinct: merged duplicates
+        -- can share an answer)
+        SELECT %(snapshot)s, l.pair_id, a.id, a.vote_ids, NULL::uuid
+        FROM (SELECT pair_id, chosen_id AS id FROM kept WHERE rule = 'thumbs'
+              UNION SELECT pair_id, rejected_id FROM kept WHERE rule = 'thumbs') l
+        JOIN answers a ON a.id = l.id
+        UNION ALL  -- corrections: the vote that carried the correction
+        SELECT %(snapshot)s, pair_id, rejected_id, rejected_votes, NULL
+        FROM kept WHERE rule = 'correction'
+        UNION ALL  -- choices: the comparison, once for each answer
+        SELECT %(snapshot)s, k.pair_id, x.completion_id, '{}', k.comparison_id
         FROM kept k CROSS JOIN LATERAL (VALUES (k.chosen_id), (k.rejected_id)) AS x (completion_id)
-        WHERE k.comparison_id IS NOT NULL
+        WHERE k.rule = 'choice'
         """,
         {"snapshot": snapshot_id},
     )
@@ -195,6 +215,11 @@ def kto_rows(conn: Connection[Any], p: dict[str, Any], snapshot_id: int) -> None
     """Unpaired votes for KTO: usable answers with a non-zero net score that are in no
     pair, labelled by the sign of their score, plus both answers of every `both_bad`
     comparison as negatives. Split by prompt hash like the pairs."""
+    conn.execute(
+        "CREATE TEMP TABLE paired ON COMMIT DROP AS"
+        " SELECT chosen_id AS id FROM kept WHERE chosen_id IS NOT NULL"
+        " UNION SELECT rejected_id FROM kept"
+    )
     conn.execute(
         f"""
         INSERT INTO kto_rows (snapshot_id, completion_id, split, prompt_sha256, prompt,
@@ -208,8 +233,7 @@ def kto_rows(conn: Connection[Any], p: dict[str, Any], snapshot_id: int) -> None
             SELECT unnest(ARRAY[completion_a, completion_b]), false, 2
             FROM comparisons WHERE choice = 'both_bad'
         ) s JOIN answers a ON a.id = s.id
-        WHERE a.dropped IS NULL
-          AND NOT EXISTS (SELECT 1 FROM kept k WHERE a.id IN (k.chosen_id, k.rejected_id))
+        WHERE a.dropped IS NULL AND NOT EXISTS (SELECT 1 FROM paired WHERE paired.id = a.id)
         ORDER BY a.id, s.source
         """,
         {**p, "snapshot": snapshot_id},

@@ -97,8 +97,8 @@ def test_votes_through_the_api_become_a_trl_dataset(
     assert found.get("correction", 0) + found.get("thumbs", 0) >= len(QUESTIONS)
     sources = query(
         database_url,
-        "SELECT count(*) AS n FROM pair_sources s JOIN votes v"
-        " ON v.id = s.vote_id WHERE s.snapshot_id = %s AND v.end_user = 'e2e'",
+        "SELECT count(*) AS n FROM pair_sources s, unnest(s.vote_ids) AS u (vote_id)"
+        " JOIN votes v ON v.id = u.vote_id WHERE s.snapshot_id = %s AND v.end_user = 'e2e'",
         snapshot_id,
     )
     assert sources[0]["n"] >= len(QUESTIONS)

@@ -80,7 +80,8 @@ def test_builder_properties(h: dict[str, Any], pairs_url: str, tmp_path: Path) -
     with psycopg.connect(pairs_url, row_factory=psycopg.rows.dict_row) as conn:
         pairs = conn.execute("SELECT * FROM pairs WHERE snapshot_id = %s", (first.id,)).fetchall()
         linked = conn.execute(
-            "SELECT pair_id, count(*) FILTER (WHERE vote_id IS NOT NULL OR comparison_id IS NOT"
+            "SELECT pair_id, count(*) FILTER (WHERE cardinality(vote_ids) > 0"
+            " OR comparison_id IS NOT"
             " NULL) AS n FROM pair_sources WHERE snapshot_id = %s GROUP BY pair_id",
             (first.id,),
         ).fetchall()

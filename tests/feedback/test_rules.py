@@ -18,12 +18,15 @@ def run(url: str, tmp_path: Path, **settings: Any) -> tuple[list[dict[str, Any]]
     snapshot = build(url, PairSettings(**settings), tmp_path / "snapshots")
     with psycopg.connect(url, row_factory=psycopg.rows.dict_row) as conn:
         pairs = conn.execute(
-            "SELECT p.*, array_agg(DISTINCT s.vote_id) FILTER (WHERE s.vote_id IS NOT NULL)"
-            " AS votes, array_agg(DISTINCT s.comparison_id) FILTER (WHERE s.comparison_id IS NOT"
-            " NULL) AS comparisons, array_agg(DISTINCT s.completion_id) AS completions"
-            " FROM pairs p JOIN pair_sources s"
-            " ON s.snapshot_id = p.snapshot_id AND s.pair_id = p.id"
-            " WHERE p.snapshot_id = %s GROUP BY p.snapshot_id, p.id ORDER BY p.chosen, p.rejected",
+            "SELECT p.*,"
+            " (SELECT array_agg(DISTINCT v) FROM pair_sources s, unnest(s.vote_ids) AS v"
+            "  WHERE s.snapshot_id = p.snapshot_id AND s.pair_id = p.id) AS votes,"
+            " (SELECT array_agg(DISTINCT s.comparison_id) FROM pair_sources s"
+            "  WHERE s.snapshot_id = p.snapshot_id AND s.pair_id = p.id"
+            "  AND s.comparison_id IS NOT NULL) AS comparisons,"
+            " (SELECT array_agg(DISTINCT s.completion_id) FROM pair_sources s"
+            "  WHERE s.snapshot_id = p.snapshot_id AND s.pair_id = p.id) AS completions"
+            " FROM pairs p WHERE p.snapshot_id = %s ORDER BY p.chosen, p.rejected",
             (snapshot.id,),
         ).fetchall()
     return pairs, snapshot
