@@ -13,7 +13,7 @@ import tempfile
 import uuid
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from psycopg import AsyncConnection
 from psycopg.rows import class_row
@@ -49,7 +49,7 @@ def engine_name_for(sha256: str) -> str:
     return f"ratchet-{sha256[:16]}"
 
 
-def check_adapter_dir(path: Path) -> dict[str, object]:
+def check_adapter_dir(path: Path) -> dict[str, Any]:
     """Return the adapter's PEFT config, or raise AdapterError saying what is missing."""
     config_file = path / "adapter_config.json"
     if not path.is_dir() or not config_file.is_file():
@@ -57,9 +57,13 @@ def check_adapter_dir(path: Path) -> dict[str, object]:
     if not any(path.glob("adapter_model.*")):
         raise AdapterError(f"{path} has no adapter_model.safetensors")
     try:
-        config: dict[str, object] = json.loads(config_file.read_text())
+        config = json.loads(config_file.read_text())
     except ValueError as exc:
         raise AdapterError(f"{config_file} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_file} must hold a JSON object")
+    if not isinstance(config.get("r"), int) or config["r"] < 1:
+        raise AdapterError(f"{config_file}: 'r' (the LoRA rank) must be a positive integer")
     return config
 
 

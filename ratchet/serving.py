@@ -66,8 +66,11 @@ def dev_chat_key(settings: Settings, conninfo: str) -> str:
                 if await keys.find_active(conn, secret) is not None:
                     return secret
             _, secret = await keys.create_key(conn, "chat", name="embedded default run")
-        path.write_text(secret + "\n")
-        os.chmod(path, 0o600)
+        path.unlink(missing_ok=True)
+        # Created private: the secret must never sit in a world-readable file.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secret + "\n")
         return secret
 
     return asyncio.run(get_or_create())

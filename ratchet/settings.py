@@ -7,6 +7,7 @@ processes can each build their own.
 """
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -130,7 +131,9 @@ class Settings(BaseSettings):
 
 
 def mask_url(url: str) -> str:
-    """Replace the password in a URL with ***, keeping the rest readable."""
+    """Replace the password in a URL or key=value DSN with ***, keeping the rest readable."""
+    if "://" not in url:
+        return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url)
     parts = urlsplit(url)
     if not parts.password:
         return url

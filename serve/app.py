@@ -60,10 +60,16 @@ def create_app(
         try:
             yield
         finally:
-            if supervisor:
-                await supervisor.stop()
-            await engine.aclose()
-            await pool.close()
+            # Each step on its own: one failing must not keep the others from running.
+            try:
+                await app.state.services.chat.drain()
+                if supervisor:
+                    await supervisor.stop()
+            finally:
+                try:
+                    await engine.aclose()
+                finally:
+                    await pool.close()
 
     app = FastAPI(title="Ratchet", version=ratchet.__version__, lifespan=lifespan)
     errors.install(app)

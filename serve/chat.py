@@ -39,6 +39,7 @@ class _Stream:
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    failed: bool = False  # the engine sent an error chunk: the answer is not whole
 
 
 class ChatService:
@@ -58,7 +59,7 @@ class ChatService:
         self.metrics = metrics
         self.max_tokens_cap = max_tokens_cap
         self.base_model_sha256 = base_model_sha256
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Future[None]] = set()
 
     def check(self, request: ChatCompletionRequest) -> None:
         """Refuse what the engine must never see; called before any work is done."""
@@ -136,7 +137,8 @@ class ChatService:
                         continue
                     payload = line[6:]
                     if payload == "[DONE]":
-                        await self._finish(uid, request, state, started, "complete")
+                        status = "aborted" if state.failed else "complete"
+                        await self._finish(uid, request, state, started, status)
                         done = True
                         yield b"data: [DONE]\n\n"
                         continue
@@ -229,6 +231,11 @@ class ChatService:
         await self.router.ensure_loaded(target.adapter)
         return await call()
 
+    async def drain(self) -> None:
+        """Wait for pending log writes (aborted streams); call before closing the pool."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
     def _spawn(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
         self._background.add(task)
@@ -237,6 +244,8 @@ class ChatService:
 
 def _absorb(state: _Stream, chunk: dict[str, Any]) -> bool:
     """Fold a chunk into the state; True when it is a usage-only chunk."""
+    if chunk.get("error"):
+        state.failed = True
     usage = chunk.get("usage")
     if usage:
         state.prompt_tokens = usage.get("prompt_tokens")

@@ -6,9 +6,31 @@ Chat requests accept unknown fields (vLLM's extra sampling parameters such as
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+class NoNul(BaseModel):
+    """Refuses NUL characters anywhere in the body: Postgres text and jsonb cannot hold
+    them, and finding out only at logging time would waste the engine's work."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        if _has_nul(data):
+            raise ValueError("text must not contain NUL (\\u0000) characters")
+        return data
 
 
 class TextPart(BaseModel):
@@ -28,7 +50,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(NoNul):
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1)
@@ -47,7 +69,7 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = Field(default=None, max_length=256)
 
 
-class FeedbackRequest(BaseModel):
+class FeedbackRequest(NoNul):
     model_config = ConfigDict(extra="forbid")
 
     completion_id: str = Field(min_length=1, max_length=128)
@@ -67,7 +89,7 @@ class FeedbackResponse(BaseModel):
     updated: bool = Field(description="True when this replaced an earlier vote by the same user.")
 
 
-class ComparisonRequest(BaseModel):
+class ComparisonRequest(NoNul):
     """A chat request answered twice, by production and candidate (or two samples)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -92,7 +114,7 @@ class ComparisonResponse(BaseModel):
     b: ComparisonAnswer
 
 
-class ChoiceRequest(BaseModel):
+class ChoiceRequest(NoNul):
     model_config = ConfigDict(extra="forbid")
 
     choice: Literal["a", "b", "tie", "both_bad"]

@@ -43,11 +43,6 @@ class ModelRouter:
     def invalidate(self) -> None:
         self._expires = 0.0
 
-    def forget_engine_state(self) -> None:
-        """The engine restarted: its base name may differ and no adapter is loaded."""
-        self._base = None
-        self._loaded.clear()
-
     async def resolve(self, public: str) -> Target:
         if public not in PUBLIC_MODELS:
             raise NotFound(
@@ -105,6 +100,9 @@ class ModelRouter:
     async def _current(self) -> dict[str, Adapter | None]:
         now = time.monotonic()
         if now >= self._expires:
+            # The engine's base name is re-read as often: an engine redeployed under
+            # another name must not leave `base` answering 404 until we restart.
+            self._base = None
             async with self.pool.connection() as conn:
                 self._adapters = {
                     "production": await registry.production(conn),

@@ -83,20 +83,28 @@ class EngineSupervisor:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self._terminate()
+        try:
+            if self._task:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        finally:
+            await self._terminate()
 
     async def _run(self) -> None:
         backoff = 1.0
         probe = EngineClient(self.url)
         try:
             while not self._stopping:
-                started = await self._start_once(probe)
+                try:
+                    started = await self._start_once(probe)
+                    await self._watch(probe)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # e.g. the log file cannot be opened: retry, loudly
+                    log.exception("engine supervisor step failed")
+                    started = False
                 backoff = 1.0 if started else min(backoff * 2, 30.0)
-                await self._watch(probe)
                 if not self._stopping:
                     log.warning(
                         "engine exited (code %s); restarting in %.0f s",

@@ -8,14 +8,16 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
                'role', m ->> 'role',
                'content', btrim(CASE jsonb_typeof(m -> 'content')
                    WHEN 'string' THEN m ->> 'content'
-                   WHEN 'array' THEN (SELECT string_agg(p ->> 'text', '' ORDER BY k)
-                                      FROM jsonb_array_elements(m -> 'content')
-                                           WITH ORDINALITY AS q (p, k))
+                   WHEN 'array' THEN coalesce((SELECT string_agg(p ->> 'text', '' ORDER BY k)
+                                               FROM jsonb_array_elements(m -> 'content')
+                                                    WITH ORDINALITY AS q (p, k)), '')
                    ELSE '' END, E' \t\n\r'))
                ORDER BY i), '[]'::jsonb)
     FROM jsonb_array_elements(messages) WITH ORDINALITY AS t (m, i)
-    WHERE i <= (SELECT max(j) FROM jsonb_array_elements(messages) WITH ORDINALITY AS u (n, j)
-                WHERE n ->> 'role' = 'user')
+    -- Up to the last user turn; the whole conversation when there is none.
+    WHERE i <= coalesce((SELECT max(j) FROM jsonb_array_elements(messages)
+                         WITH ORDINALITY AS u (n, j) WHERE n ->> 'role' = 'user'),
+                        jsonb_array_length(messages))
 $$;
 
 CREATE TABLE snapshots (

@@ -96,7 +96,7 @@ def _counts(conn: Connection[dict[str, Any]], snapshot_id: int) -> Counts:
     )
     for reason in ("duplicate", "identical"):
         if one[reason]:
-            dropped_pairs[reason] = int(one[reason])
+            dropped_pairs[reason] = dropped_pairs.get(reason, 0) + int(one[reason])
     kto = grouped(
         "SELECT split AS k, count(*) AS n FROM kto_rows WHERE snapshot_id = %(s)s GROUP BY 1"
     )
@@ -184,7 +184,7 @@ def _rows(
     for table in ("pairs", "kto_rows"):
         for row in conn.execute(
             f"SELECT DISTINCT ON (prompt_sha256) prompt_sha256, prompt::text AS prompt FROM {table}"
-            " WHERE snapshot_id = %s ORDER BY prompt_sha256",
+            " WHERE snapshot_id = %s ORDER BY prompt_sha256, prompt::text",
             (snapshot_id,),
         ):
             prompts.setdefault(row["prompt_sha256"], json.loads(row["prompt"]))

@@ -66,7 +66,7 @@ def answers(conn: Connection[Any], p: dict[str, Any]) -> None:
                CASE
                  WHEN c.status <> 'complete' OR c.output IS NULL THEN 'incomplete_answer'
                  WHEN NOT (%(all_models)s OR c.adapter_id IS NULL
-                           OR c.adapter_id = %(production)s) THEN 'stale_model'
+                           OR c.adapter_id IS NOT DISTINCT FROM %(production)s) THEN 'stale_model'
                  WHEN coalesce(c.prompt_tokens, 0) > %(max_prompt)s THEN 'long_prompt'
                  WHEN coalesce(c.completion_tokens, 0) < %(min_tokens)s THEN 'short_answer'
                END AS dropped
@@ -137,14 +137,17 @@ def thumbs_pairs(conn: Connection[Any], p: dict[str, Any]) -> None:
         """
         INSERT INTO candidates
         SELECT 'thumbs', prompt_sha256, up_id, down_id, NULL, up_norm, down_norm, up_votes,
-               down_votes, NULL, CASE WHEN rank > %(k)s THEN 'over_cap' END
+               down_votes, NULL,
+               CASE WHEN up_norm = down_norm THEN 'identical' WHEN rank > %(k)s THEN 'over_cap' END
         FROM (
             SELECT u.prompt_sha256, u.id AS up_id, d.id AS down_id, u.norm AS up_norm,
                    d.norm AS down_norm, u.vote_ids AS up_votes, d.vote_ids AS down_votes,
-                   row_number() OVER (PARTITION BY u.prompt_sha256
+                   -- identical texts are ranked apart: they must not take a capped slot
+                   row_number() OVER (PARTITION BY u.prompt_sha256, u.norm = d.norm
                        ORDER BY u.net - d.net DESC, md5(u.id::text || d.id::text)) AS rank
             FROM answers u JOIN answers d ON d.prompt_sha256 = u.prompt_sha256
             WHERE u.net > 0 AND d.net < 0 AND u.dropped IS NULL AND d.dropped IS NULL
+
         ) ranked
         """,
         p,

@@ -1,4 +1,5 @@
 import asyncio
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -6,7 +7,7 @@ from fastapi import APIRouter
 
 from ratchet import registry
 from ratchet.registry import Adapter, AdapterError
-from serve.deps import OpsKey, ServicesDep
+from serve.deps import OpsKey, Services, ServicesDep
 from serve.errors import Conflict, EngineError, InvalidRequest
 from serve.protocol import AdapterRegisterRequest
 
@@ -30,7 +31,7 @@ async def register_adapter(
         config = registry.check_adapter_dir(source)
     except AdapterError as exc:
         raise InvalidRequest(str(exc), param="path", code="invalid_adapter") from exc
-    rank = int(str(config.get("r", 0)))
+    rank = int(config["r"])
     if rank > services.settings.engine_max_lora_rank:
         raise InvalidRequest(
             f"adapter rank {rank} is over the engine's max_lora_rank "
@@ -38,8 +39,17 @@ async def register_adapter(
             param="path",
             code="invalid_adapter",
         )
+    # One registration at a time: two racing copies of one adapter must not delete
+    # each other's files.
+    async with _REGISTERING:
+        return await _register(source, services)
+
+
+_REGISTERING = asyncio.Lock()
+
+
+async def _register(source: Path, services: Services) -> Adapter:
     adapters_dir = services.settings.adapters_dir
-    existed_before = {p.name for p in adapters_dir.iterdir()} if adapters_dir.is_dir() else set()
     sha, stored = await asyncio.to_thread(registry.store_files, source, adapters_dir)
     async with services.pool.connection() as conn:
         known = await registry.get_by_sha(conn, sha)
@@ -49,21 +59,26 @@ async def register_adapter(
             param="path",
             code="adapter_exists",
         )
+    name = registry.engine_name_for(sha)
     try:
-        await services.engine.load_adapter(registry.engine_name_for(sha), str(stored))
+        try:
+            await services.engine.load_adapter(name, str(stored))
+        except EngineError as exc:
+            if "already" not in exc.message:  # loaded by an earlier, failed attempt
+                raise InvalidRequest(
+                    f"the engine refused the adapter: {exc.message}",
+                    param="path",
+                    code="invalid_adapter",
+                ) from exc
         async with services.pool.connection() as conn:
             adapter = await registry.register(
                 conn, sha, stored, services.base_model_sha256, source="api"
             )
-    except BaseException as exc:
-        if sha not in existed_before:  # leave no files behind for a refused adapter
-            shutil.rmtree(stored, ignore_errors=True)
-        if isinstance(exc, EngineError):
-            raise InvalidRequest(
-                f"the engine refused the adapter: {exc.message}",
-                param="path",
-                code="invalid_adapter",
-            ) from exc
+    except BaseException:
+        # Not registered: leave neither files nor a loaded adapter behind.
+        shutil.rmtree(stored, ignore_errors=True)
+        with contextlib.suppress(Exception):
+            await services.engine.unload_adapter(name)
         raise
     services.router.invalidate()
     return adapter

@@ -225,9 +225,47 @@ def test_held_out_split_is_by_prompt_hash(
     assert 0.1 < test_share < 0.3
 
 
+def test_candidate_answers_are_stale_while_production_is_the_base(
+    db: psycopg.Connection[Any], pairs_url: str, tmp_path: Path
+) -> None:
+    candidate = f.adapter(db)  # registered, never promoted: production is the base
+    for adapter, label in ((None, "base"), (candidate, "candidate")):
+        a = f.answer(db, "Q " + label, label + LONG, adapter_id=adapter)
+        f.vote(db, a, -1, correction="fixed " + label + LONG)
+    pairs, snapshot = run(pairs_url, tmp_path)
+    assert [p["rejected"] for p in pairs] == ["base" + LONG]
+    assert snapshot.counts["dropped_answers"] == {"stale_model": 1}
+
+
+def test_identical_texts_do_not_use_up_the_cap(
+    db: psycopg.Connection[Any], pairs_url: str, tmp_path: Path
+) -> None:
+    up = f.answer(db, "Q", "Paris" + LONG)
+    for user in ("u1", "u2", "u3"):
+        f.vote(db, up, 1, user)
+    same = f.answer(db, "Q", "paris" + LONG)  # widest margin, but identical to `up`
+    for user in ("u1", "u2", "u3"):
+        f.vote(db, same, -1, user)
+    other = f.answer(db, "Q", "London" + LONG)
+    f.vote(db, other, -1)
+    (pair,), snapshot = run(pairs_url, tmp_path, pairs_per_prompt=1)
+    assert (pair["chosen"], pair["rejected"]) == ("Paris" + LONG, "London" + LONG)
+    assert snapshot.counts["dropped_pairs"] == {"identical": 1}
+
+
+def test_conversations_without_a_user_turn_do_not_share_a_prompt() -> None:
+    first = [{"role": "system", "content": "Summarize the news."}]
+    second = [{"role": "system", "content": "Write a haiku."}]
+    assert prompt_messages(first) == first
+    assert prompt_sha256(first) != prompt_sha256(second)
+
+
 @pytest.mark.parametrize(
     "conversation",
     [
+        [{"role": "system", "content": "only a system turn "}],
+        [{"role": "user", "content": []}],
+        [{"role": "user", "content": "\u00a0nbsp kept\u00a0"}],
         [{"role": "user", "content": " hi "}],
         [
             {"role": "system", "content": "s"},

@@ -43,6 +43,8 @@ def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_mask_url() -> None:
     assert mask_url("postgresql://u:s3cret@db:5432/x") == "postgresql://u:***@db:5432/x"
     assert mask_url("postgresql://u@db/x") == "postgresql://u@db/x"
+    assert mask_url("host=db password=s3cret dbname=x") == "host=db password=*** dbname=x"
+    assert "s3 cret" not in mask_url("password='s3 cret' host=db")
 
 
 def test_cli_config_prints_effective_settings_masked(tmp_path: Path) -> None:

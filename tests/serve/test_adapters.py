@@ -138,9 +138,16 @@ def test_bad_adapters_are_refused_and_leave_nothing(
     (too_big / "adapter_model.safetensors").write_bytes(
         (lora_dir / "adapter_model.safetensors").read_bytes()
     )
+    odd = []
+    for i, bad_config in enumerate(([1, 2], {**config, "r": 8.0}, {**config, "r": None})):
+        path = tmp_path / f"odd{i}"
+        path.mkdir()
+        (path / "adapter_config.json").write_text(json.dumps(bad_config))
+        (path / "adapter_model.safetensors").write_bytes(b"x")
+        odd.append(path)
     stored_before = sorted(p.name for p in (data_dir / "adapters").iterdir())
     before = counts(database_url)
-    for path in (tmp_path / "missing", tmp_path, broken, too_big):
+    for path in (tmp_path / "missing", tmp_path, broken, too_big, *odd):
         response = register_adapter(gateway, ops_key[1], path)
         assert response.status_code == 400, response.text
         assert response.json()["error"]["code"] == "invalid_adapter"

@@ -55,6 +55,22 @@ class TestChatRequests:
         )
         assert error_of(response, 400)["param"] == "messages.0.role"
 
+    def test_nul_characters(self, app_client: TestClient, chat_key: tuple[str, str]) -> None:
+        for messages in (
+            [{"role": "user", "content": "a\u0000b"}],
+            [{"role": "user", "content": "hi", "name": "\u0000"}],
+        ):
+            response = app_client.post(
+                CHAT, json={"model": "base", "messages": messages}, headers=auth(chat_key[1])
+            )
+            assert "NUL" in error_of(response, 400)["message"]
+        vote = app_client.post(
+            "/v1/feedback",
+            headers=auth(chat_key[1]),
+            json={"completion_id": "chatcmpl-0", "rating": "up", "comment": "\u0000"},
+        )
+        error_of(vote, 400)
+
     def test_unknown_model(self, app_client: TestClient, chat_key: tuple[str, str]) -> None:
         response = app_client.post(
             CHAT, json={"model": "gpt-5", "messages": HELLO}, headers=auth(chat_key[1])
