@@ -27,6 +27,7 @@ from feedback.cli import data_app
 from ratchet import keys, registry
 from ratchet.cli_support import err, load_settings, with_db
 from ratchet.errors import RatchetError
+from trainer.cli import list_runs, train
 
 T = TypeVar("T")
 app = typer.Typer(
@@ -43,6 +44,8 @@ app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(data_app, name="data")
+app.command("train")(train)
+app.command("runs")(list_runs)
 
 
 @app.callback()

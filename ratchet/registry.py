@@ -100,12 +100,14 @@ async def register(
     base_model_sha256: str | None,
     status: AdapterStatus = "candidate",
     source: str = "manual",
+    run_id: int | None = None,
+    snapshot_id: int | None = None,
 ) -> Adapter:
     async with conn.cursor(row_factory=class_row(Adapter)) as cur:
         await cur.execute(
             "INSERT INTO adapters"
-            " (id, sha256, engine_name, path, base_model_sha256, status, source)"
-            f" VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING {_COLUMNS}",
+            " (id, sha256, engine_name, path, base_model_sha256, status, source, run_id,"
+            f" snapshot_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_COLUMNS}",
             (
                 uuid.uuid4(),
                 sha256,
@@ -114,6 +116,8 @@ async def register(
                 base_model_sha256,
                 status,
                 source,
+                run_id,
+                snapshot_id,
             ),
         )
         adapter = await cur.fetchone()

@@ -1,0 +1,183 @@
+"""One training run, start to finish: snapshot, run row, TRL, artifact, registry.
+
+Used by `ratchet train` in the foreground (and by the job worker, issue 4's next
+part). Every step's metrics go to `run_metrics`; a run whose status is set to
+`cancelled` stops at the next step; any failure marks the run `failed` with its
+error and leaves no adapter behind.
+"""
+
+import asyncio
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from transformers import TrainerCallback
+
+from feedback.pairs import build as builder
+from feedback.pairs import snapshots
+from feedback.pairs.snapshots import Snapshot
+from ratchet import registry
+from ratchet.model import base_model_sha256
+from ratchet.settings import Settings
+from trainer import artifacts, runs
+from trainer.config import TrainConfig
+from trainer.dpo import train_dpo
+from trainer.errors import NotEnoughData, TrainerError
+
+Progress = Callable[[int, int], None]
+# What goes to run_metrics from TRL's logs (train and eval_ prefixed).
+LOGGED = (
+    "loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "rewards/chosen",
+    "rewards/rejected",
+    "logps/chosen",
+    "logps/rejected",
+    "learning_rate",
+)
+
+
+class RunCancelled(TrainerError):
+    """The run was cancelled while it trained."""
+
+
+class RunRecorder(TrainerCallback):
+    """Writes progress and metrics of a TRL run into its `runs` row; obeys cancel."""
+
+    def __init__(self, conninfo: str, run_id: int, progress: Progress | None) -> None:
+        self.conninfo = conninfo
+        self.run_id = run_id
+        self.progress = progress
+        self.cancelled = False
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        runs.update(self.conninfo, self.run_id, total_steps=int(state.max_steps))
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
+        picked = {
+            key: float(value)
+            for key, value in (logs or {}).items()
+            if key.removeprefix("eval_") in LOGGED and isinstance(value, int | float)
+        }
+        if picked:
+            runs.log_metrics(self.conninfo, self.run_id, int(state.global_step), picked)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        if self.progress:
+            self.progress(int(state.global_step), int(state.max_steps))
+        run = runs.get(self.conninfo, self.run_id)
+        if run is not None and run.status == "cancelled":
+            self.cancelled = True
+            control.should_training_stop = True
+
+
+def run_training(
+    settings: Settings,
+    conninfo: str,
+    config: TrainConfig,
+    snapshot_id: int | None = None,
+    progress: Progress | None = None,
+) -> runs.Run:
+    """Train on a snapshot (a new one when none is given); return the finished run."""
+    snapshot = _snapshot(settings, conninfo, config, snapshot_id)
+    train_pairs = int(snapshot.counts["splits"].get("train", 0))
+    if train_pairs < config.min_pairs:
+        raise NotEnoughData(
+            f"snapshot {snapshot.id} has {train_pairs} training pairs;"
+            f" at least {config.min_pairs} are needed"
+        )
+    run = runs.create(conninfo, {"config": config.model_dump(), "snapshot_id": snapshot.id})
+    runs.update(conninfo, run.id, snapshot_id=snapshot.id)
+    active = {r.id for r in runs.list_runs(conninfo, 1000) if r.status == "running"}
+    artifacts.sweep(settings.adapters_dir, keep=active)
+    work = artifacts.work_dir(settings.adapters_dir, run.id)
+    try:
+        adapter = _train_and_register(settings, conninfo, config, snapshot, run.id, work, progress)
+    except RunCancelled:
+        runs.update(conninfo, run.id, status="cancelled", finished=True)
+    except BaseException as exc:
+        runs.update(
+            conninfo, run.id, status="failed", error=f"{type(exc).__name__}: {exc}", finished=True
+        )
+        raise
+    else:
+        runs.update(
+            conninfo,
+            run.id,
+            status="succeeded",
+            adapter_id=adapter.id,
+            reason="awaiting evaluation",
+            finished=True,
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    finished = runs.get(conninfo, run.id)
+    assert finished is not None
+    return finished
+
+
+def _snapshot(
+    settings: Settings, conninfo: str, config: TrainConfig, snapshot_id: int | None
+) -> Snapshot:
+    if snapshot_id is None:
+        return builder.build(conninfo, settings.pairs, settings.snapshots_dir, config.min_pairs)
+    with psycopg.connect(conninfo) as conn:
+        return snapshots.require(conn, snapshot_id)
+
+
+def _train_and_register(
+    settings: Settings,
+    conninfo: str,
+    config: TrainConfig,
+    snapshot: Snapshot,
+    run_id: int,
+    work: Path,
+    progress: Progress | None,
+) -> registry.Adapter:
+    recorder = RunRecorder(conninfo, run_id, progress)
+    result = train_dpo(settings.base_model_ref, snapshot.load(), config, work, [recorder])
+    if recorder.cancelled:
+        raise RunCancelled(f"run {run_id} was cancelled at step {result.steps}")
+    final = {
+        f"final/{k}": v for k, v in result.eval_metrics.items() if k.removeprefix("eval_") in LOGGED
+    }
+    if final:
+        runs.log_metrics(conninfo, run_id, result.steps, final)
+    base_sha = base_model_sha256(settings)
+    card = {
+        "run_id": run_id,
+        "base_model": settings.base_model_ref,
+        "base_model_sha256": base_sha,
+        "snapshot_id": snapshot.id,
+        "snapshot_sha256": snapshot.content_sha256,
+        "config": config.model_dump(),
+        "steps": result.steps,
+        "wall_s": result.wall_s,
+        "train_metrics": result.train_metrics,
+        "eval_metrics": result.eval_metrics,
+    }
+    sha, path = artifacts.finalize(
+        result.adapter_dir,
+        settings.adapters_dir,
+        settings.base_model_ref,
+        settings.engine_max_lora_rank,
+        card,
+    )
+
+    async def register() -> registry.Adapter:
+        async with await psycopg.AsyncConnection.connect(conninfo) as conn:
+            known = await registry.get_by_sha(conn, sha)
+            return known or await registry.register(
+                conn,
+                sha,
+                path,
+                base_sha,
+                source=f"run:{run_id}",
+                run_id=run_id,
+                snapshot_id=snapshot.id,
+            )
+
+    return asyncio.run(register())

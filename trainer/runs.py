@@ -1,0 +1,92 @@
+"""The `runs` table: one row per training, its progress, metrics and outcome."""
+
+import json
+from datetime import datetime
+from typing import Any, Literal
+
+import psycopg
+from psycopg.rows import class_row
+from pydantic import BaseModel
+
+RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "skipped"]
+_COLUMNS = (
+    "id, kind, status, params, snapshot_id, adapter_id, step, total_steps, heartbeat_at,"
+    " error, reason, created_at, started_at, finished_at"
+)
+
+
+class Run(BaseModel):
+    id: int
+    kind: str
+    status: RunStatus
+    params: dict[str, Any]
+    snapshot_id: int | None
+    adapter_id: Any | None
+    step: int
+    total_steps: int | None
+    heartbeat_at: datetime | None
+    error: str | None
+    reason: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+def create(conninfo: str, params: dict[str, Any], status: RunStatus = "running") -> Run:
+    with psycopg.connect(conninfo) as conn, conn.cursor(row_factory=class_row(Run)) as cur:
+        run = cur.execute(
+            "INSERT INTO runs (kind, status, params, started_at, heartbeat_at)"
+            " VALUES ('train', %s, %s, now(), now()) RETURNING " + _COLUMNS,
+            (status, json.dumps(params)),
+        ).fetchone()
+    assert run is not None
+    return run
+
+
+def update(conninfo: str, run_id: int, **fields: Any) -> None:
+    """Set columns; `finished=True` also stamps finished_at. Always beats the heartbeat."""
+    finished = fields.pop("finished", False)
+    sets = [f"{name} = %({name})s" for name in fields] + ["heartbeat_at = now()"]
+    if finished:
+        sets.append("finished_at = now()")
+    with psycopg.connect(conninfo) as conn:
+        conn.execute(
+            f"UPDATE runs SET {', '.join(sets)} WHERE id = %(id)s", {**fields, "id": run_id}
+        )
+
+
+def log_metrics(conninfo: str, run_id: int, step: int, metrics: dict[str, float]) -> None:
+    with psycopg.connect(conninfo) as conn:
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO run_metrics (run_id, step, name, value) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (run_id, step, name) DO UPDATE SET value = EXCLUDED.value",
+                [(run_id, step, k, float(v)) for k, v in metrics.items()],
+            )
+        conn.execute(
+            "UPDATE runs SET step = %s, heartbeat_at = now() WHERE id = %s", (step, run_id)
+        )
+
+
+def get(conninfo: str, run_id: int) -> Run | None:
+    with psycopg.connect(conninfo) as conn, conn.cursor(row_factory=class_row(Run)) as cur:
+        return cur.execute(f"SELECT {_COLUMNS} FROM runs WHERE id = %s", (run_id,)).fetchone()
+
+
+def list_runs(conninfo: str, limit: int = 50) -> list[Run]:
+    with psycopg.connect(conninfo) as conn, conn.cursor(row_factory=class_row(Run)) as cur:
+        return cur.execute(
+            f"SELECT {_COLUMNS} FROM runs ORDER BY id DESC LIMIT %s", (limit,)
+        ).fetchall()
+
+
+def metrics(conninfo: str, run_id: int) -> dict[str, list[tuple[int, float]]]:
+    """Each metric's (step, value) series."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with psycopg.connect(conninfo) as conn:
+        for name, step, value in conn.execute(
+            "SELECT name, step, value FROM run_metrics WHERE run_id = %s ORDER BY name, step",
+            (run_id,),
+        ):
+            series.setdefault(name, []).append((step, value))
+    return series
