@@ -34,6 +34,7 @@ def train_dpo(
     import torch  # heavy imports only when training
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.trainer_callback import PrinterCallback
     from trl.trainer.dpo_config import DPOConfig
     from trl.trainer.dpo_trainer import DPOTrainer
 
@@ -85,6 +86,8 @@ def train_dpo(
         ),
         callbacks=list(callbacks),
     )
+    # Our callbacks report progress; TRL's printer would write every log dict to stdout.
+    trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
     output = trainer.train()
     eval_metrics = {k: float(v) for k, v in trainer.evaluate().items()} if test else {}
