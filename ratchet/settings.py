@@ -72,6 +72,13 @@ class Settings(BaseSettings):
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    run_heartbeat_s: float = Field(
+        default=10.0, gt=0, description="A running run beats this often."
+    )
+    run_stale_after_s: float = Field(
+        default=120.0, gt=0, description="A run silent this long on another host is abandoned."
+    )
+
     pairs: PairSettings = Field(
         default_factory=PairSettings,
         description="Pair builder rules, e.g. RATCHET_PAIRS__PAIRS_PER_PROMPT=8.",

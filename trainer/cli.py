@@ -62,7 +62,7 @@ def train(
                 snapshot,
                 lambda step, total: bar.update(task, completed=step, total=total),
             )
-        except (TrainerError, FeedbackError) as exc:
+        except (TrainerError, FeedbackError) as exc:  # TrainingBusy included
             err.print(f"[red]{exc}[/red]")
             raise typer.Exit(1) from exc
     typer.echo(f"run {run.id} {run.status}: {run.step} steps on snapshot {run.snapshot_id}")

@@ -7,8 +7,11 @@ error and leaves no adapter behind.
 """
 
 import asyncio
+import contextlib
 import shutil
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +85,7 @@ def run_training(
     progress: Progress | None = None,
 ) -> runs.Run:
     """Train on a snapshot (a new one when none is given); return the finished run."""
+    recover(settings, conninfo)
     snapshot = _snapshot(settings, conninfo, config, snapshot_id)
     train_pairs = int(snapshot.counts["splits"].get("train", 0))
     if train_pairs < config.min_pairs:
@@ -117,6 +121,34 @@ def run_training(
     finished = runs.get(conninfo, run.id)
     assert finished is not None
     return finished
+
+
+def recover(settings: Settings, conninfo: str) -> list[int]:
+    """Fail the runs whose worker died, and remove what they left half-written."""
+    dead = runs.recover_abandoned(conninfo, settings.run_stale_after_s)
+    active = {r.id for r in runs.list_runs(conninfo, 1000) if r.status == "running"}
+    artifacts.sweep(settings.adapters_dir, keep=active)
+    return dead
+
+
+@contextmanager
+def heartbeat(conninfo: str, run_id: int, every: float) -> Iterator[None]:
+    """Beat the run's heartbeat from a thread while the body runs (loading a model or
+    a long step may take minutes between TRL's own callbacks)."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every):
+            with contextlib.suppress(Exception):  # a missed beat is not worth a crash
+                runs.beat(conninfo, run_id)
+
+    thread = threading.Thread(target=loop, name=f"heartbeat-{run_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def _snapshot(

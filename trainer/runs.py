@@ -1,12 +1,16 @@
 """The `runs` table: one row per training, its progress, metrics and outcome."""
 
 import json
+import os
+import socket
 from datetime import datetime
 from typing import Any, Literal
 
 import psycopg
 from psycopg.rows import class_row
 from pydantic import BaseModel
+
+from trainer.errors import TrainerError
 
 RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "skipped"]
 _COLUMNS = (
@@ -32,15 +36,75 @@ class Run(BaseModel):
     finished_at: datetime | None
 
 
+class TrainingBusy(TrainerError):
+    """Another training is queued or running; only one may be at a time."""
+
+    def __init__(self, run_id: int) -> None:
+        super().__init__(f"run {run_id} is already queued or running; one training at a time")
+        self.run_id = run_id
+
+
 def create(conninfo: str, params: dict[str, Any], status: RunStatus = "running") -> Run:
-    with psycopg.connect(conninfo) as conn, conn.cursor(row_factory=class_row(Run)) as cur:
-        run = cur.execute(
-            "INSERT INTO runs (kind, status, params, started_at, heartbeat_at)"
-            " VALUES ('train', %s, %s, now(), now()) RETURNING " + _COLUMNS,
-            (status, json.dumps(params)),
-        ).fetchone()
+    """Insert a run owned by this process; TrainingBusy when another one is active."""
+    try:
+        with psycopg.connect(conninfo) as conn, conn.cursor(row_factory=class_row(Run)) as cur:
+            run = cur.execute(
+                "INSERT INTO runs (kind, status, params, started_at, heartbeat_at, worker_host,"
+                " worker_pid) VALUES ('train', %s, %s, now(), now(), %s, %s) RETURNING " + _COLUMNS,
+                (status, json.dumps(params), socket.gethostname(), os.getpid()),
+            ).fetchone()
+    except psycopg.errors.UniqueViolation as exc:
+        active = active_training(conninfo)
+        raise TrainingBusy(active.id if active else -1) from exc
     assert run is not None
     return run
+
+
+def active_training(conninfo: str) -> Run | None:
+    with psycopg.connect(conninfo) as conn, conn.cursor(row_factory=class_row(Run)) as cur:
+        return cur.execute(
+            f"SELECT {_COLUMNS} FROM runs WHERE kind = 'train' AND status IN ('queued', 'running')"
+        ).fetchone()
+
+
+def recover_abandoned(conninfo: str, stale_after_s: float) -> list[int]:
+    """Mark failed the running runs whose process died: at once when it lived on this
+    host, else when its heartbeat is older than `stale_after_s`. Returns their ids."""
+    host = socket.gethostname()
+    with psycopg.connect(conninfo) as conn:
+        rows = conn.execute(
+            "SELECT id, worker_host, worker_pid, heartbeat_at < now() - make_interval(secs => %s)"
+            " FROM runs WHERE status = 'running'",
+            (stale_after_s,),
+        ).fetchall()
+        dead = [
+            run_id
+            for run_id, worker_host, pid, stale in rows
+            if stale or (worker_host == host and pid and not _alive(pid))
+        ]
+        if dead:
+            conn.execute(
+                "UPDATE runs SET status = 'failed', finished_at = now(), error ="
+                " 'abandoned: its worker stopped (no heartbeat since ' || heartbeat_at || ')'"
+                " WHERE id = ANY(%s) AND status = 'running'",
+                (dead,),
+            )
+    return dead
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def beat(conninfo: str, run_id: int) -> None:
+    with psycopg.connect(conninfo) as conn:
+        conn.execute("UPDATE runs SET heartbeat_at = now() WHERE id = %s", (run_id,))
 
 
 def update(conninfo: str, run_id: int, **fields: Any) -> None:

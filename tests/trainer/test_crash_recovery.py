@@ -1,0 +1,73 @@
+"""A training killed with SIGKILL leaves no adapter; the next start marks it failed,
+removes its half-written files, and training works again. One training at a time."""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psycopg
+
+from tests.feedback import factories as f
+from tests.helpers import RATCHET, query
+
+LONG = " with enough words in it to pass the length filter easily"
+
+
+def seed_pairs(database_url: str, n: int = 12) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for i in range(n):
+            a = f.answer(conn, f"crash question {i}", f"a rambling answer {i}" + LONG)
+            f.vote(conn, a, -1, user="crash", correction=f"A crisp answer {i}" + LONG)
+
+
+def train(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [RATCHET, "train", "--min-pairs", "4", "--batch-size", "2", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def test_sigkill_mid_training_is_recovered(
+    database_url: str, gateway_env: dict[str, str], data_dir: Path
+) -> None:
+    seed_pairs(database_url)
+    env = {**os.environ, **gateway_env, "RATCHET_DATA_DIR": str(data_dir)}
+    victim = train(env, "--max-steps", "500")
+    deadline = time.monotonic() + 300
+    while True:
+        rows = query(database_url, "SELECT * FROM runs WHERE status = 'running'")
+        if rows and rows[0]["step"] >= 1:
+            break
+        assert victim.poll() is None, victim.communicate()
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.5)
+    run_id = rows[0]["id"]
+    assert (data_dir / "adapters" / f".work-{run_id}").is_dir()
+
+    second = train(env, "--max-steps", "1")  # one training at a time
+    _, stderr = second.communicate(timeout=300)
+    assert second.returncode == 1 and f"run {run_id} is already queued or running" in stderr
+
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert (
+        query(database_url, "SELECT status FROM runs WHERE id = %s", run_id)[0]["status"]
+        == "running"
+    )  # nobody has noticed yet
+
+    after = train(env, "--max-steps", "1")
+    stdout, stderr = after.communicate(timeout=600)
+    assert after.returncode == 0, stderr[-3000:]
+    dead = query(database_url, "SELECT * FROM runs WHERE id = %s", run_id)[0]
+    assert dead["status"] == "failed" and dead["error"].startswith("abandoned")
+    assert dead["finished_at"] is not None
+    assert query(database_url, "SELECT id FROM adapters WHERE run_id = %s", run_id) == []
+    assert not (data_dir / "adapters" / f".work-{run_id}").exists()
+    newest = query(database_url, "SELECT status FROM runs ORDER BY id DESC LIMIT 1")[0]
+    assert newest["status"] == "succeeded"
