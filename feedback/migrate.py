@@ -20,13 +20,23 @@ class Migration:
     sql: str
 
 
+# A migration file holding only this line applies the job library's own schema, so
+# that its tables come and go with ours, in the same ordered, locked sequence.
+PROCRASTINATE = "-- include: procrastinate schema"
+
+
 def available() -> list[Migration]:
     """The migrations shipped with this package, in version order."""
     found = []
     for entry in resources.files("feedback.migrations").iterdir():
         if entry.name.endswith(".sql"):
             version, _, name = entry.name.removesuffix(".sql").partition("_")
-            found.append(Migration(int(version), name, entry.read_text()))
+            sql = entry.read_text()
+            if sql.strip() == PROCRASTINATE:
+                from procrastinate.schema import SchemaManager
+
+                sql = SchemaManager.get_schema()
+            found.append(Migration(int(version), name, sql))
     return sorted(found, key=lambda m: m.version)
 
 

@@ -27,7 +27,7 @@ from feedback.cli import data_app
 from ratchet import keys, registry
 from ratchet.cli_support import err, load_settings, with_db
 from ratchet.errors import RatchetError
-from trainer.cli import list_runs, train
+from trainer.cli import list_runs, train, worker
 
 T = TypeVar("T")
 app = typer.Typer(
@@ -46,6 +46,7 @@ app.add_typer(adapters_app, name="adapters")
 app.add_typer(data_app, name="data")
 app.command("train")(train)
 app.command("runs")(list_runs)
+app.command("worker")(worker)
 
 
 @app.callback()

@@ -72,6 +72,10 @@ class Settings(BaseSettings):
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    train_cron: str = Field(default="0 2 * * *", description="When the nightly run starts.")
+    min_new_pairs: int = Field(
+        default=500, ge=1, description="The nightly run trains only with this many new pairs."
+    )
     run_heartbeat_s: float = Field(
         default=10.0, gt=0, description="A running run beats this often."
     )

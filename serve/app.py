@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from procrastinate import App as JobApp
 from psycopg_pool import AsyncConnectionPool
 
 import ratchet
@@ -20,9 +21,10 @@ from serve.deps import Services
 from serve.engine import EngineClient
 from serve.metrics import Metrics
 from serve.middleware import BodyLimit, RequestMetrics
-from serve.routes import admin, chat, datasets, feedback, health, models
+from serve.routes import admin, chat, datasets, feedback, health, models, runs
 from serve.routing import ModelRouter
 from serve.supervisor import EngineSupervisor
+from trainer.queue import deferring_app
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ def create_app(
         engine = EngineClient(url)
         if supervisor:
             supervisor.start()
+        jobs = deferring_app()
+        await jobs.open_async(pool)  # defers on our own pool; the worker runs the jobs
         app.state.services = _services(
             settings,
             conninfo,
@@ -56,6 +60,7 @@ def create_app(
             metrics,
             supervisor,
             await asyncio.to_thread(base_model_sha256, settings),
+            jobs,
         )
         try:
             yield
@@ -73,7 +78,7 @@ def create_app(
 
     app = FastAPI(title="Ratchet", version=ratchet.__version__, lifespan=lifespan)
     errors.install(app)
-    for module in (chat, models, feedback, admin, datasets, health):
+    for module in (chat, models, feedback, admin, datasets, runs, health):
         app.include_router(module.router)
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
@@ -88,6 +93,7 @@ def _services(
     metrics: Metrics,
     supervisor: EngineSupervisor | None,
     base_sha: str | None,
+    jobs: JobApp,
 ) -> Services:
     router = ModelRouter(pool, engine, settings.registry_cache_seconds)
     chat_service = ChatService(
@@ -110,4 +116,5 @@ def _services(
         comparisons=ComparisonService(pool, chat_service, router),
         supervisor=supervisor,
         base_model_sha256=base_sha,
+        jobs=jobs,
     )

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from procrastinate import App as JobApp
 from psycopg_pool import AsyncConnectionPool
 
 from ratchet.keys import ApiKey, Role
@@ -32,6 +33,7 @@ class Services:
     comparisons: ComparisonService
     supervisor: EngineSupervisor | None
     base_model_sha256: str | None
+    jobs: JobApp
 
 
 def get_services(request: Request) -> Services:

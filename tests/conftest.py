@@ -3,18 +3,14 @@ and one supervised `ratchet serve` (real vLLM CPU engine) shared by the suite.""
 
 import os
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
-from psycopg import sql
 
-from feedback.migrate import migrate
 from ratchet.model import MANIFEST, prepare_default
 from ratchet.settings import Settings
-from tests.helpers import ROOT, Gateway, make_key, query, start_gateway
+from tests.helpers import ROOT, Gateway, fresh_database, make_key, query, start_gateway
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -32,14 +28,8 @@ def server_url() -> str:
 @pytest.fixture(scope="session")
 def database_url(server_url: str) -> Iterator[str]:
     """A database of our own on the configured server, migrated, dropped at the end."""
-    name = f"ratchet_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = psycopg.conninfo.make_conninfo(server_url, dbname=name)
-    migrate(url)
-    yield url
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+    with fresh_database(server_url) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

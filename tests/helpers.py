@@ -7,12 +7,16 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
+from psycopg import sql
 from psycopg.rows import dict_row
 
 from ratchet import keys
@@ -137,3 +141,20 @@ def register_adapter(gateway: Gateway, ops_secret: str, path: Path) -> httpx.Res
         json={"path": str(path)},
         timeout=60,
     )
+
+
+@contextmanager
+def fresh_database(server_url: str, prefix: str = "ratchet_test") -> Iterator[str]:
+    """A new, migrated database on the server, dropped afterwards."""
+    from feedback.migrate import migrate
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = psycopg.conninfo.make_conninfo(server_url, dbname=name)
+    try:
+        migrate(url)
+        yield url
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -91,3 +91,30 @@ def list_runs() -> None:
             r.error or r.reason or "",
         )
     Console().print(table)
+
+
+def worker(
+    once: Annotated[bool, typer.Option(help="Run what is queued, then exit.")] = False,
+) -> None:
+    """Run training jobs from the Postgres queue (and the nightly schedule)."""
+    import asyncio
+
+    from trainer.jobs import make_app, release_stalled
+    from trainer.queue import QUEUE
+    from trainer.run import recover
+
+    settings = load_settings()
+    with migrated_database(settings) as url:
+        failed = recover(settings, url)
+        if failed:
+            err.print(f"marked abandoned runs failed: {failed}")
+        app = make_app(settings, url)
+
+        async def work() -> None:
+            async with app.open_async():
+                released = await release_stalled(app, settings.run_stale_after_s)
+                if released:
+                    err.print(f"released {released} stalled jobs")
+                await app.run_worker_async(queues=[QUEUE], wait=not once)
+
+        asyncio.run(work())

@@ -83,9 +83,42 @@ def run_training(
     config: TrainConfig,
     snapshot_id: int | None = None,
     progress: Progress | None = None,
+    run_id: int | None = None,
 ) -> runs.Run:
-    """Train on a snapshot (a new one when none is given); return the finished run."""
+    """Train on a snapshot (a new one when none is given); return the finished run.
+
+    With `run_id`, that queued run is claimed (the worker's path); a run cancelled
+    before it started is returned untouched. Without, a new run is recorded once
+    the snapshot is known (the foreground path)."""
     recover(settings, conninfo)
+    if run_id is None:
+        snapshot = _usable_snapshot(settings, conninfo, config, snapshot_id)
+        run = runs.create(conninfo, {"config": config.model_dump(), "snapshot_id": snapshot.id})
+    else:
+        claimed = runs.claim(conninfo, run_id)
+        if claimed is None:
+            found = runs.get(conninfo, run_id)
+            assert found is not None
+            return found
+        run = claimed
+        try:
+            snapshot = _usable_snapshot(settings, conninfo, config, snapshot_id)
+        except BaseException as exc:
+            runs.update(
+                conninfo,
+                run.id,
+                status="failed",
+                error=f"{type(exc).__name__}: {exc}",
+                finished=True,
+            )
+            raise
+    runs.update(conninfo, run.id, snapshot_id=snapshot.id)
+    return _execute(settings, conninfo, config, snapshot, run.id, progress)
+
+
+def _usable_snapshot(
+    settings: Settings, conninfo: str, config: TrainConfig, snapshot_id: int | None
+) -> Snapshot:
     snapshot = _snapshot(settings, conninfo, config, snapshot_id)
     train_pairs = int(snapshot.counts["splits"].get("train", 0))
     if train_pairs < config.min_pairs:
@@ -93,24 +126,34 @@ def run_training(
             f"snapshot {snapshot.id} has {train_pairs} training pairs;"
             f" at least {config.min_pairs} are needed"
         )
-    run = runs.create(conninfo, {"config": config.model_dump(), "snapshot_id": snapshot.id})
-    runs.update(conninfo, run.id, snapshot_id=snapshot.id)
-    active = {r.id for r in runs.list_runs(conninfo, 1000) if r.status == "running"}
-    artifacts.sweep(settings.adapters_dir, keep=active)
-    work = artifacts.work_dir(settings.adapters_dir, run.id)
+    return snapshot
+
+
+def _execute(
+    settings: Settings,
+    conninfo: str,
+    config: TrainConfig,
+    snapshot: Snapshot,
+    run_id: int,
+    progress: Progress | None,
+) -> runs.Run:
+    work = artifacts.work_dir(settings.adapters_dir, run_id)
     try:
-        adapter = _train_and_register(settings, conninfo, config, snapshot, run.id, work, progress)
+        with heartbeat(conninfo, run_id, settings.run_heartbeat_s):
+            adapter = _train_and_register(
+                settings, conninfo, config, snapshot, run_id, work, progress
+            )
     except RunCancelled:
-        runs.update(conninfo, run.id, status="cancelled", finished=True)
+        runs.update(conninfo, run_id, status="cancelled", finished=True)
     except BaseException as exc:
         runs.update(
-            conninfo, run.id, status="failed", error=f"{type(exc).__name__}: {exc}", finished=True
+            conninfo, run_id, status="failed", error=f"{type(exc).__name__}: {exc}", finished=True
         )
         raise
     else:
         runs.update(
             conninfo,
-            run.id,
+            run_id,
             status="succeeded",
             adapter_id=adapter.id,
             reason="awaiting evaluation",
@@ -118,7 +161,7 @@ def run_training(
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    finished = runs.get(conninfo, run.id)
+    finished = runs.get(conninfo, run_id)
     assert finished is not None
     return finished
 

@@ -60,6 +60,71 @@ def create(conninfo: str, params: dict[str, Any], status: RunStatus = "running")
     return run
 
 
+def enqueue(conninfo: str, params: dict[str, Any]) -> Run:
+    """Record a queued run; TrainingBusy when another one is queued or running."""
+    return create(conninfo, params, status="queued")
+
+
+def claim(conninfo: str, run_id: int) -> Run | None:
+    """Move a queued run to running, owned by this process; None if it is not queued."""
+    with psycopg.connect(conninfo) as conn, conn.cursor(row_factory=class_row(Run)) as cur:
+        return cur.execute(
+            "UPDATE runs SET status = 'running', started_at = now(), heartbeat_at = now(),"
+            " worker_host = %s, worker_pid = %s WHERE id = %s AND status = 'queued'"
+            " RETURNING " + _COLUMNS,
+            (socket.gethostname(), os.getpid(), run_id),
+        ).fetchone()
+
+
+def skip(conninfo: str, params: dict[str, Any], reason: str) -> Run:
+    """Record a run that was decided against, and why."""
+    with psycopg.connect(conninfo) as conn, conn.cursor(row_factory=class_row(Run)) as cur:
+        run = cur.execute(
+            "INSERT INTO runs (kind, status, params, reason, finished_at)"
+            " VALUES ('train', 'skipped', %s, %s, now()) RETURNING " + _COLUMNS,
+            (json.dumps(params), reason),
+        ).fetchone()
+    assert run is not None
+    return run
+
+
+def cancel(conninfo: str, run_id: int) -> Run | None:
+    """Cancel a queued or running run (a running one stops at its next step); None
+    when there is no such active run."""
+    with psycopg.connect(conninfo) as conn, conn.cursor(row_factory=class_row(Run)) as cur:
+        return cur.execute(
+            "UPDATE runs SET status = 'cancelled',"
+            " finished_at = CASE WHEN status = 'queued' THEN now() END"
+            " WHERE id = %s AND status IN ('queued', 'running') RETURNING " + _COLUMNS,
+            (run_id,),
+        ).fetchone()
+
+
+def delete_queued(conninfo: str, run_id: int) -> None:
+    """Undo `enqueue` when its job could not be deferred."""
+    with psycopg.connect(conninfo) as conn:
+        conn.execute("DELETE FROM runs WHERE id = %s AND status = 'queued'", (run_id,))
+
+
+def set_param(conninfo: str, run_id: int, key: str, value: Any) -> None:
+    with psycopg.connect(conninfo) as conn:
+        conn.execute(
+            "UPDATE runs SET params = params || jsonb_build_object(%s::text, %s::jsonb)"
+            " WHERE id = %s",
+            (key, json.dumps(value), run_id),
+        )
+
+
+def latest_metrics(conninfo: str, run_id: int) -> dict[str, float]:
+    with psycopg.connect(conninfo) as conn:
+        rows = conn.execute(
+            "SELECT DISTINCT ON (name) name, value FROM run_metrics WHERE run_id = %s"
+            " ORDER BY name, step DESC",
+            (run_id,),
+        ).fetchall()
+    return {str(name): float(value) for name, value in rows}
+
+
 def active_training(conninfo: str) -> Run | None:
     with psycopg.connect(conninfo) as conn, conn.cursor(row_factory=class_row(Run)) as cur:
         return cur.execute(

@@ -1,14 +1,12 @@
 """A database of the feedback tests' own, emptied before each test."""
 
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
-from feedback.migrate import migrate
+from tests.helpers import fresh_database
 
 TABLES = (
     "pair_sources",
@@ -25,14 +23,8 @@ TABLES = (
 
 @pytest.fixture(scope="session")
 def pairs_url(server_url: str) -> Iterator[str]:
-    name = f"ratchet_pairs_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = psycopg.conninfo.make_conninfo(server_url, dbname=name)
-    migrate(url)
-    yield url
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+    with fresh_database(server_url, "ratchet_pairs") as url:
+        yield url
 
 
 def empty(url: str) -> None:

@@ -10,7 +10,12 @@ import httpx
 import pytest
 
 from ratchet.hashing import adapter_sha256
-from tests.helpers import RATCHET, Gateway, auth, query
+from tests.helpers import (
+    RATCHET,
+    Gateway,
+    auth,
+    query,
+)
 from trainer.artifacts import CARD
 
 TOPICS = [

@@ -1,0 +1,131 @@
+"""Retraining through the API: validation, one run at a time, status, cancel, the
+worker running a queued job, and the nightly run skipping when there is too little."""
+
+import os
+import subprocess
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from ratchet.settings import Settings
+from serve.app import create_app
+from tests.helpers import RATCHET, Gateway, auth, query
+from tests.trainer.test_crash_recovery import seed_pairs
+from trainer.jobs import nightly
+
+FAST = {"max_steps": 2, "batch_size": 2, "min_pairs": 4}
+
+
+@pytest.fixture(scope="module")
+def settings(database_url: str, base_model_dir: Path, data_dir: Path) -> Settings:
+    return Settings(database_url=database_url, data_dir=data_dir, base_model=str(base_model_dir))
+
+
+@pytest.fixture(scope="module")
+def client(settings: Settings, gateway: Gateway, database_url: str) -> Iterator[TestClient]:
+    seed_pairs(database_url)
+    assert settings.database_url
+    with TestClient(
+        create_app(settings, settings.database_url, engine_url=gateway.engine_url)
+    ) as test_client:
+        yield test_client
+
+
+def run_count(database_url: str) -> int:
+    return int(query(database_url, "SELECT count(*) AS n FROM runs")[0]["n"])
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"learning_rate": -1}, 400, "learning_rate"),
+        ({"algorithm": "ppo"}, 400, "algorithm"),
+        ({"epochs": 0}, 400, "epochs"),
+        ({"unknown": 1}, 400, "unknown"),
+        ({"snapshot_id": 999999}, 404, "snapshot_id"),
+        ({"min_pairs": 10**6}, 400, "min_pairs"),
+    ],
+)
+def test_bad_retrain_requests_create_no_run(
+    client: TestClient,
+    ops_key: tuple[str, str],
+    database_url: str,
+    body: dict[str, object],
+    status: int,
+    param: str,
+) -> None:
+    before = run_count(database_url)
+    response = client.post("/v1/admin/retrain", json=body, headers=auth(ops_key[1]))
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["param"] == param
+    assert run_count(database_url) == before
+
+
+def test_one_training_at_a_time_status_and_cancel(
+    client: TestClient, ops_key: tuple[str, str], chat_key: tuple[str, str]
+) -> None:
+    assert client.post("/v1/admin/retrain", json=FAST, headers=auth(chat_key[1])).status_code == 403
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(
+            pool.map(
+                lambda _: client.post("/v1/admin/retrain", json=FAST, headers=auth(ops_key[1])),
+                range(2),
+            )
+        )
+    assert sorted(a.status_code for a in answers) == [202, 409]
+    accepted = next(a for a in answers if a.status_code == 202).json()
+    refused = next(a for a in answers if a.status_code == 409)
+    assert refused.json()["error"]["code"] == "training_busy"
+    assert refused.headers["location"] == f"/v1/admin/runs/{accepted['id']}"
+    assert accepted["status"] == "queued" and accepted["params"]["job_id"]
+
+    shown = client.get(f"/v1/admin/runs/{accepted['id']}", headers=auth(ops_key[1])).json()
+    assert shown["status"] == "queued"
+    cancelled = client.post(f"/v1/admin/runs/{accepted['id']}/cancel", headers=auth(ops_key[1]))
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    again = client.post(f"/v1/admin/runs/{accepted['id']}/cancel", headers=auth(ops_key[1]))
+    assert again.status_code == 409 and again.json()["error"]["code"] == "run_finished"
+    missing = client.get("/v1/admin/runs/999999", headers=auth(ops_key[1]))
+    assert missing.status_code == 404
+    listed = client.get("/v1/admin/runs", headers=auth(ops_key[1])).json()["data"]
+    assert accepted["id"] in [r["id"] for r in listed]
+
+
+def test_worker_runs_the_queued_training(
+    client: TestClient,
+    ops_key: tuple[str, str],
+    gateway_env: dict[str, str],
+    data_dir: Path,
+    database_url: str,
+) -> None:
+    queued = client.post("/v1/admin/retrain", json=FAST, headers=auth(ops_key[1]))
+    assert queued.status_code == 202, queued.text
+    run_id = queued.json()["id"]
+    env = {**os.environ, **gateway_env, "RATCHET_DATA_DIR": str(data_dir)}
+    worker = subprocess.run(
+        [RATCHET, "worker", "--once"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert worker.returncode == 0, worker.stderr[-3000:]
+    done = client.get(f"/v1/admin/runs/{run_id}", headers=auth(ops_key[1])).json()
+    assert done["status"] == "succeeded", done
+    assert (done["step"], done["total_steps"], done["progress"]) == (2, 2, 1.0)
+    assert "loss" in done["metrics"] and done["adapter_id"]
+    jobs = query(
+        database_url,
+        "SELECT status FROM procrastinate_jobs WHERE id = %s",
+        done["params"]["job_id"],
+    )
+    assert jobs[0]["status"] == "succeeded"
+
+
+def test_nightly_skips_below_min_new_pairs(
+    settings: Settings, client: TestClient, ops_key: tuple[str, str]
+) -> None:
+    assert settings.database_url
+    run = nightly(settings.model_copy(update={"min_new_pairs": 10**6}), settings.database_url)
+    assert run.status == "skipped" and "new pairs since the last run" in (run.reason or "")
+    shown = client.get(f"/v1/admin/runs/{run.id}", headers=auth(ops_key[1])).json()
+    assert shown["status"] == "skipped"
