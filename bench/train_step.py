@@ -23,7 +23,7 @@ from datasets import Dataset, DatasetDict  # noqa: E402
 from ratchet.model import prepare_default  # noqa: E402
 from ratchet.settings import Settings  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.dpo import train_dpo  # noqa: E402
+from trainer.train import train  # noqa: E402
 
 
 def style_pairs(n: int) -> DatasetDict:
@@ -49,7 +49,7 @@ def style_pairs(n: int) -> DatasetDict:
 def measure(base: str, precision: str, steps: int, batch: int) -> dict[str, float]:
     config = TrainConfig(precision=precision, max_steps=steps, batch_size=batch, max_length=512)
     with tempfile.TemporaryDirectory() as work:
-        result = train_dpo(base, style_pairs(64), config, Path(work))
+        result = train(base, style_pairs(64), config, Path(work))
     runtime = result.train_metrics["train_runtime"]
     tokens = max(float(h.get("num_tokens", 0)) for h in result.history)
     return {

@@ -4,14 +4,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Algorithm = Literal["dpo"]
+Algorithm = Literal["dpo", "kto", "orpo"]
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    algorithm: Algorithm = Field(default="dpo", description="Preference algorithm.")
+    algorithm: Algorithm = Field(
+        default="dpo",
+        description="dpo (pairs), kto (unpaired thumbs), orpo (pairs, no reference model).",
+    )
     loss_type: list[str] = Field(
         default_factory=lambda: ["sigmoid", "sft"],
         description="TRL DPO loss terms. sigmoid+sft moved greedy style where plain "
@@ -37,4 +40,7 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool | None = Field(
         default=None, description="None: on for CUDA, off on CPU (it only costs time there)."
     )
-    min_pairs: int = Field(default=8, ge=1, description="Refuse to train on fewer pairs.")
+    qlora: bool = Field(default=False, description="4-bit QLoRA via bitsandbytes; CUDA only.")
+    min_pairs: int = Field(
+        default=8, ge=1, description="Refuse to train on fewer rows (pairs, or KTO rows)."
+    )

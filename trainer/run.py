@@ -26,8 +26,8 @@ from ratchet.model import base_model_sha256
 from ratchet.settings import Settings
 from trainer import artifacts, runs
 from trainer.config import TrainConfig
-from trainer.dpo import train_dpo
 from trainer.errors import NotEnoughData, TrainerError
+from trainer.train import data_kind, train
 
 Progress = Callable[[int, int], None]
 # What goes to run_metrics from TRL's logs (train and eval_ prefixed).
@@ -120,11 +120,12 @@ def _usable_snapshot(
     settings: Settings, conninfo: str, config: TrainConfig, snapshot_id: int | None
 ) -> Snapshot:
     snapshot = _snapshot(settings, conninfo, config, snapshot_id)
-    train_pairs = int(snapshot.counts["splits"].get("train", 0))
-    if train_pairs < config.min_pairs:
+    kind = data_kind(config)  # KTO trains on the unpaired rows, the others on pairs
+    train_rows = int(snapshot.counts["kto" if kind == "kto" else "splits"].get("train", 0))
+    if train_rows < config.min_pairs:
         raise NotEnoughData(
-            f"snapshot {snapshot.id} has {train_pairs} training pairs;"
-            f" at least {config.min_pairs} are needed"
+            f"snapshot {snapshot.id} has {train_rows} training {kind} rows for"
+            f" {config.algorithm}; at least {config.min_pairs} are needed"
         )
     return snapshot
 
@@ -198,7 +199,9 @@ def _snapshot(
     settings: Settings, conninfo: str, config: TrainConfig, snapshot_id: int | None
 ) -> Snapshot:
     if snapshot_id is None:
-        return builder.build(conninfo, settings.pairs, settings.snapshots_dir, config.min_pairs)
+        # A KTO run needs unpaired rows, not pairs: it is checked on those afterwards.
+        min_pairs = 0 if data_kind(config) == "kto" else config.min_pairs
+        return builder.build(conninfo, settings.pairs, settings.snapshots_dir, min_pairs)
     with psycopg.connect(conninfo) as conn:
         return snapshots.require(conn, snapshot_id)
 
@@ -213,7 +216,8 @@ def _train_and_register(
     progress: Progress | None,
 ) -> registry.Adapter:
     recorder = RunRecorder(conninfo, run_id, progress)
-    result = train_dpo(settings.base_model_ref, snapshot.load(), config, work, [recorder])
+    data = snapshot.load(data_kind(config))
+    result = train(settings.base_model_ref, data, config, work, [recorder])
     if recorder.cancelled:
         raise RunCancelled(f"run {run_id} was cancelled at step {result.steps}")
     final = {
