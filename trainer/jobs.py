@@ -31,6 +31,13 @@ def make_app(settings: Settings, conninfo: str) -> App:
     def train(run_id: int) -> None:
         execute_queued(settings, conninfo, run_id)
 
+    @blueprint.task(name="evaluate", queue=QUEUE)
+    def evaluate(adapter_id: str) -> None:
+        # The promotion gate (eval/) is not built yet: record that the candidate waits.
+        runs.record_eval(
+            conninfo, adapter_id, "awaiting evaluation: the promotion gate (eval/) is not built yet"
+        )
+
     @blueprint.periodic(cron=settings.train_cron, periodic_id="nightly")
     @blueprint.task(name="nightly", queue=QUEUE)
     def nightly_job(timestamp: int) -> None:

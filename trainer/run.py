@@ -8,6 +8,7 @@ error and leaves no adapter behind.
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -27,8 +28,10 @@ from ratchet.settings import Settings
 from trainer import artifacts, runs
 from trainer.config import TrainConfig
 from trainer.errors import NotEnoughData, TrainerError
+from trainer.queue import defer_evaluation
 from trainer.train import data_kind, train
 
+log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 # What goes to run_metrics from TRL's logs (train and eval_ prefixed).
 LOGGED = (
@@ -157,7 +160,7 @@ def _execute(
             run_id,
             status="succeeded",
             adapter_id=adapter.id,
-            reason="awaiting evaluation",
+            reason=_queue_evaluation(conninfo, str(adapter.id)),
             finished=True,
         )
     finally:
@@ -165,6 +168,15 @@ def _execute(
     finished = runs.get(conninfo, run_id)
     assert finished is not None
     return finished
+
+
+def _queue_evaluation(conninfo: str, adapter_id: str) -> str:
+    """Queue the candidate's evaluation; the run's note says whether that worked."""
+    try:
+        return f"awaiting evaluation (job {defer_evaluation(conninfo, adapter_id)})"
+    except Exception as exc:  # the adapter is registered either way; say what went wrong
+        log.warning("could not queue the evaluation of %s: %s", adapter_id, exc)
+        return f"awaiting evaluation (not queued: {exc})"
 
 
 def recover(settings: Settings, conninfo: str) -> list[int]:

@@ -119,6 +119,14 @@ def test_worker_runs_the_queued_training(
         done["params"]["job_id"],
     )
     assert jobs[0]["status"] == "succeeded"
+    # The candidate's evaluation was queued and run by the same worker; until the
+    # promotion gate exists, it records that the candidate awaits evaluation.
+    evaluation = query(
+        database_url,
+        "SELECT * FROM runs WHERE kind = 'eval' AND adapter_id = %s",
+        done["adapter_id"],
+    )
+    assert evaluation and evaluation[0]["reason"].startswith("awaiting evaluation")
 
 
 def test_nightly_skips_below_min_new_pairs(

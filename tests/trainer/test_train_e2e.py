@@ -104,7 +104,7 @@ def test_dpo_run_moves_held_out_answers_to_the_chosen_style(
     run_id = int(summary[0].split()[1])
     run = query(database_url, "SELECT * FROM runs WHERE id = %s", run_id)[0]
     assert run["status"] == "succeeded" and run["step"] == 32 and run["total_steps"] == 32
-    assert run["reason"] == "awaiting evaluation"
+    assert run["reason"].startswith("awaiting evaluation (job ")
     losses = query(
         database_url,
         "SELECT count(*) AS n FROM run_metrics WHERE run_id = %s AND name = 'loss'",
