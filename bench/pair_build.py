@@ -20,13 +20,12 @@ import uuid
 from pathlib import Path
 
 import psycopg
-from psycopg import sql
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from feedback.migrate import migrate  # noqa: E402
 from feedback.prompts import prompt_sha256  # noqa: E402
+from tests.helpers import fresh_database  # noqa: E402
 
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/test"
 WORDS = "the a model answer explains light colour sky because of scattering and more".split()
@@ -111,12 +110,7 @@ def main() -> None:
     args = parser.parse_args()
 
     server = os.environ.get("DATABASE_URL", DEFAULT_SERVER)
-    name = f"ratchet_bench_pairs_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = psycopg.conninfo.make_conninfo(server, dbname=name)
-    try:
-        migrate(url)
+    with fresh_database(server, "ratchet_bench_pairs") as url:
         started = time.perf_counter()
         votes = load(url, args.answers, args.votes_per_answer, args.answers_per_prompt, args.seed)
         print(
@@ -152,9 +146,6 @@ def main() -> None:
                 }
             )
         )
-    finally:
-        with psycopg.connect(server, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ one machine share that one embedded server.
 
 import json
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from psycopg_pool import AsyncConnectionPool
 
 from ratchet.errors import DatabaseError
+from ratchet.processes import pid_alive
 from ratchet.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -63,19 +63,9 @@ def prune_dead_holders(pgdata: Path) -> None:
         pids = json.loads(holders.read_text())
     except ValueError:
         pids = []
-    alive = [pid for pid in pids if isinstance(pid, int) and _pid_alive(pid)]
+    alive = [pid for pid in pids if isinstance(pid, int) and pid_alive(pid)]
     if alive != pids:
         holders.write_text(json.dumps(alive))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def make_pool(conninfo: str, max_size: int = 10) -> AsyncConnectionPool:

@@ -20,7 +20,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from feedback.pairs.config import PairSettings  # noqa: E402
+from feedback.pairs.config import PairSettings
 
 DEFAULT_BASE_MODEL_NAME = "SmolLM2-135M-Instruct"
 

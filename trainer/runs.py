@@ -10,6 +10,7 @@ import psycopg
 from psycopg.rows import class_row
 from pydantic import BaseModel
 
+from ratchet.processes import pid_alive
 from trainer.errors import TrainerError
 
 RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "skipped"]
@@ -157,7 +158,7 @@ def recover_abandoned(conninfo: str, stale_after_s: float) -> list[int]:
         dead = [
             run_id
             for run_id, worker_host, pid, stale in rows
-            if stale or (worker_host == host and pid and not _alive(pid))
+            if stale or (worker_host == host and pid and not pid_alive(pid))
         ]
         if dead:
             conn.execute(
@@ -167,16 +168,6 @@ def recover_abandoned(conninfo: str, stale_after_s: float) -> list[int]:
                 (dead,),
             )
     return dead
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def beat(conninfo: str, run_id: int) -> None:
@@ -219,15 +210,3 @@ def list_runs(conninfo: str, limit: int = 50) -> list[Run]:
         return cur.execute(
             f"SELECT {_COLUMNS} FROM runs ORDER BY id DESC LIMIT %s", (limit,)
         ).fetchall()
-
-
-def metrics(conninfo: str, run_id: int) -> dict[str, list[tuple[int, float]]]:
-    """Each metric's (step, value) series."""
-    series: dict[str, list[tuple[int, float]]] = {}
-    with psycopg.connect(conninfo) as conn:
-        for name, step, value in conn.execute(
-            "SELECT name, step, value FROM run_metrics WHERE run_id = %s ORDER BY name, step",
-            (run_id,),
-        ):
-            series.setdefault(name, []).append((step, value))
-    return series

@@ -45,6 +45,12 @@ TOPICS = [
     "kites",
 ]
 STYLE = "Short answer:"
+# What marks an answer as written in the chosen style: its opening or its closing words.
+MARKERS = ("short answer", "all there is to say")
+
+
+def styled(text: str) -> bool:
+    return any(marker in text.lower() for marker in MARKERS)
 
 
 def ask(gateway: Gateway, key: str, model: str, topic: str, max_tokens: int = 40) -> httpx.Response:
@@ -93,7 +99,7 @@ def test_dpo_run_moves_held_out_answers_to_the_chosen_style(
         "RATCHET_PAIRS__HELD_OUT_FRACTION": "0.25",
     }
     trained = subprocess.run(
-        [RATCHET, "train", "--learning-rate", "2e-4", "--max-steps", "32", "--batch-size", "4"],
+        [RATCHET, "train", "--learning-rate", "2e-4", "--max-steps", "40", "--batch-size", "4"],
         env=env,
         capture_output=True,
         text=True,
@@ -103,14 +109,14 @@ def test_dpo_run_moves_held_out_answers_to_the_chosen_style(
     summary = [line for line in trained.stdout.splitlines() if line.startswith("run ")]
     run_id = int(summary[0].split()[1])
     run = query(database_url, "SELECT * FROM runs WHERE id = %s", run_id)[0]
-    assert run["status"] == "succeeded" and run["step"] == 32 and run["total_steps"] == 32
+    assert run["status"] == "succeeded" and run["step"] == 40 and run["total_steps"] == 40
     assert run["reason"].startswith("awaiting evaluation (job ")
     losses = query(
         database_url,
         "SELECT count(*) AS n FROM run_metrics WHERE run_id = %s AND name = 'loss'",
         run_id,
     )[0]["n"]
-    assert losses == 32  # a metrics row every step
+    assert losses == 40  # a metrics row every step
     accuracy = query(
         database_url,
         "SELECT value FROM run_metrics WHERE run_id = %s"
@@ -124,7 +130,7 @@ def test_dpo_run_moves_held_out_answers_to_the_chosen_style(
     assert adapter["status"] == "candidate" and path.parent == data_dir / "adapters"
     assert adapter_sha256(path) == adapter["sha256"] == path.name
     card = json.loads((path / CARD).read_text())
-    assert card["snapshot_id"] == run["snapshot_id"] and card["steps"] == 32
+    assert card["snapshot_id"] == run["snapshot_id"] and card["steps"] == 40
     assert card["config"]["learning_rate"] == 2e-4 and card["library_versions"]["trl"]
     assert not list((data_dir / "adapters").glob(".work-*"))  # nothing half-written left
 
@@ -138,11 +144,11 @@ def test_dpo_run_moves_held_out_answers_to_the_chosen_style(
     topics = [row["q"].removeprefix("Tell me about ").removesuffix(".") for row in held_out]
     assert len(topics) >= 3
     base = [
-        ask(gateway, key, "base", t, 12).json()["choices"][0]["message"]["content"] for t in topics
+        ask(gateway, key, "base", t, 24).json()["choices"][0]["message"]["content"] for t in topics
     ]
-    tuned = [ask(gateway, key, "candidate", t, 12) for t in topics]
+    tuned = [ask(gateway, key, "candidate", t, 24) for t in topics]
     assert all(r.json()["model"] == "candidate" for r in tuned)
     tuned_text = [r.json()["choices"][0]["message"]["content"] for r in tuned]
-    styled_before = sum(t.startswith(STYLE) for t in base)
-    styled_after = sum(t.startswith(STYLE) for t in tuned_text)
+    styled_before = sum(styled(t) for t in base)
+    styled_after = sum(styled(t) for t in tuned_text)
     assert styled_before == 0 and styled_after > len(topics) / 2, (base, tuned_text)
