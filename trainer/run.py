@@ -75,7 +75,7 @@ class RunRecorder(TrainerCallback):
         if self.progress:
             self.progress(int(state.global_step), int(state.max_steps))
         run = runs.get(self.conninfo, self.run_id)
-        if run is not None and run.status == "cancelled":
+        if run is not None and run.cancel_requested_at is not None:
             self.cancelled = True
             control.should_training_stop = True
 

@@ -16,7 +16,7 @@ from trainer.errors import TrainerError
 RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "skipped"]
 _COLUMNS = (
     "id, kind, status, params, snapshot_id, adapter_id, step, total_steps, heartbeat_at,"
-    " error, reason, created_at, started_at, finished_at"
+    " error, reason, created_at, started_at, finished_at, cancel_requested_at"
 )
 
 
@@ -35,6 +35,7 @@ class Run(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    cancel_requested_at: datetime | None = None
 
 
 class TrainingBusy(TrainerError):
@@ -90,11 +91,13 @@ def skip(conninfo: str, params: dict[str, Any], reason: str) -> Run:
 
 
 def cancel(conninfo: str, run_id: int) -> Run | None:
-    """Cancel a queued or running run (a running one stops at its next step); None
-    when there is no such active run."""
+    """Cancel a queued run at once; ask a running one to stop at its next step (it stays
+    `running`, holding the one-training slot, until its worker has stopped). None when
+    there is no such active run."""
     with psycopg.connect(conninfo) as conn, conn.cursor(row_factory=class_row(Run)) as cur:
         return cur.execute(
-            "UPDATE runs SET status = 'cancelled',"
+            "UPDATE runs SET cancel_requested_at = now(),"
+            " status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,"
             " finished_at = CASE WHEN status = 'queued' THEN now() END"
             " WHERE id = %s AND status IN ('queued', 'running') RETURNING " + _COLUMNS,
             (run_id,),

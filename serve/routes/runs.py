@@ -96,7 +96,7 @@ async def get_run(run_id: int, _: OpsKey, services: ServicesDep) -> RunView:
 
 @router.post("/runs/{run_id}/cancel")
 async def cancel_run(run_id: int, _: OpsKey, services: ServicesDep) -> RunView:
-    """Cancel a queued run, or stop a running one at its next step."""
+    """Cancel a queued run; ask a running one to stop at its next step."""
     cancelled = await asyncio.to_thread(runs.cancel, services.conninfo, run_id)
     if cancelled is None:
         found = await asyncio.to_thread(runs.get, services.conninfo, run_id)

@@ -11,6 +11,7 @@ import psycopg
 
 from tests.feedback import factories as f
 from tests.helpers import RATCHET, query
+from trainer import runs
 
 LONG = " with enough words in it to pass the length filter easily"
 
@@ -71,3 +72,29 @@ def test_sigkill_mid_training_is_recovered(
     assert not (data_dir / "adapters" / f".work-{run_id}").exists()
     newest = query(database_url, "SELECT status FROM runs ORDER BY id DESC LIMIT 1")[0]
     assert newest["status"] == "succeeded"
+
+
+def test_cancelling_a_running_training_stops_it_and_keeps_the_slot_until_then(
+    database_url: str, gateway_env: dict[str, str], data_dir: Path
+) -> None:
+    seed_pairs(database_url)
+    env = {**os.environ, **gateway_env, "RATCHET_DATA_DIR": str(data_dir)}
+    running = train(env, "--max-steps", "500")
+    deadline = time.monotonic() + 300
+    while not (
+        rows := query(database_url, "SELECT * FROM runs WHERE status = 'running' AND step >= 1")
+    ):
+        assert running.poll() is None, running.communicate()
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.5)
+    run_id = rows[0]["id"]
+    asked = runs.cancel(database_url, run_id)
+    assert asked is not None and asked.status == "running"  # until its worker stops
+    assert asked.cancel_requested_at is not None
+    _, stderr = running.communicate(timeout=300)
+    assert running.returncode == 1, stderr[-2000:]
+    stopped = query(database_url, "SELECT * FROM runs WHERE id = %s", run_id)[0]
+    assert stopped["status"] == "cancelled" and stopped["finished_at"] is not None
+    assert stopped["step"] < 500
+    assert query(database_url, "SELECT id FROM adapters WHERE run_id = %s", run_id) == []
+    assert not (data_dir / "adapters" / f".work-{run_id}").exists()
