@@ -34,21 +34,27 @@ def train(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     )
 
 
+def start_long_training(
+    database_url: str, env: dict[str, str]
+) -> tuple[subprocess.Popen[str], int]:
+    """Start a 500-step training; return it and its run id once it is mid-step."""
+    process = train(env, "--max-steps", "500")
+    deadline = time.monotonic() + 300
+    while not (
+        rows := query(database_url, "SELECT * FROM runs WHERE status = 'running' AND step >= 1")
+    ):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.5)
+    return process, int(rows[0]["id"])
+
+
 def test_sigkill_mid_training_is_recovered(
     database_url: str, gateway_env: dict[str, str], data_dir: Path
 ) -> None:
     seed_pairs(database_url)
     env = {**os.environ, **gateway_env, "RATCHET_DATA_DIR": str(data_dir)}
-    victim = train(env, "--max-steps", "500")
-    deadline = time.monotonic() + 300
-    while True:
-        rows = query(database_url, "SELECT * FROM runs WHERE status = 'running'")
-        if rows and rows[0]["step"] >= 1:
-            break
-        assert victim.poll() is None, victim.communicate()
-        assert time.monotonic() < deadline, "training never started"
-        time.sleep(0.5)
-    run_id = rows[0]["id"]
+    victim, run_id = start_long_training(database_url, env)
     assert (data_dir / "adapters" / f".work-{run_id}").is_dir()
 
     second = train(env, "--max-steps", "1")  # one training at a time
@@ -79,15 +85,7 @@ def test_cancelling_a_running_training_stops_it_and_keeps_the_slot_until_then(
 ) -> None:
     seed_pairs(database_url)
     env = {**os.environ, **gateway_env, "RATCHET_DATA_DIR": str(data_dir)}
-    running = train(env, "--max-steps", "500")
-    deadline = time.monotonic() + 300
-    while not (
-        rows := query(database_url, "SELECT * FROM runs WHERE status = 'running' AND step >= 1")
-    ):
-        assert running.poll() is None, running.communicate()
-        assert time.monotonic() < deadline, "training never started"
-        time.sleep(0.5)
-    run_id = rows[0]["id"]
+    running, run_id = start_long_training(database_url, env)
     asked = runs.cancel(database_url, run_id)
     assert asked is not None and asked.status == "running"  # until its worker stops
     assert asked.cancel_requested_at is not None
