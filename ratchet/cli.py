@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from eval.cli import evaluate, report
 from feedback.cli import data_app
 from ratchet import keys, registry
 from ratchet.cli_support import err, load_settings, with_db
@@ -47,6 +48,8 @@ app.add_typer(data_app, name="data")
 app.command("train")(train)
 app.command("runs")(list_runs)
 app.command("worker")(worker)
+app.command("eval")(evaluate)
+app.command("report")(report)
 
 
 @app.callback()

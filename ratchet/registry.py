@@ -131,6 +131,37 @@ async def get_by_sha(conn: AsyncConnection, sha256: str) -> Adapter | None:
         return await cur.fetchone()
 
 
+async def get_by_id(conn: AsyncConnection, adapter_id: uuid.UUID | None) -> Adapter | None:
+    if adapter_id is None:
+        return None
+    async with conn.cursor(row_factory=class_row(Adapter)) as cur:
+        await cur.execute(f"SELECT {_COLUMNS} FROM adapters WHERE id = %s", (adapter_id,))
+        return await cur.fetchone()
+
+
+async def find(conn: AsyncConnection, ref: str) -> Adapter | None:
+    """An adapter by id, sha256 (or a unique prefix of 8+ hex digits) or engine name."""
+    ref = ref.strip()
+    try:
+        return await get_by_id(conn, uuid.UUID(ref))
+    except ValueError:
+        pass
+    if ref.startswith("ratchet-"):
+        ref = ref.removeprefix("ratchet-")
+    if len(ref) < 8 or any(c not in "0123456789abcdef" for c in ref):
+        return None
+    async with conn.cursor(row_factory=class_row(Adapter)) as cur:
+        await cur.execute(
+            f"SELECT {_COLUMNS} FROM adapters WHERE sha256 LIKE %s LIMIT 2", (ref + "%",)
+        )
+        found = await cur.fetchall()
+    return found[0] if len(found) == 1 else None
+
+
+async def set_status(conn: AsyncConnection, adapter_id: uuid.UUID, status: AdapterStatus) -> None:
+    await conn.execute("UPDATE adapters SET status = %s WHERE id = %s", (status, adapter_id))
+
+
 async def list_adapters(conn: AsyncConnection) -> list[Adapter]:
     async with conn.cursor(row_factory=class_row(Adapter)) as cur:
         await cur.execute(f"SELECT {_COLUMNS} FROM adapters ORDER BY created_at DESC")

@@ -20,6 +20,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from eval.config import EvalSettings
 from feedback.pairs.config import PairSettings
 
 DEFAULT_BASE_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -87,6 +88,10 @@ class Settings(BaseSettings):
         default_factory=PairSettings,
         description="Pair builder rules, e.g. RATCHET_PAIRS__PAIRS_PER_PROMPT=8.",
     )
+    eval: EvalSettings = Field(
+        default_factory=EvalSettings,
+        description="The promotion gate, e.g. RATCHET_EVAL__ITEMS=300.",
+    )
 
     @field_validator("data_dir")
     @classmethod
@@ -115,6 +120,15 @@ class Settings(BaseSettings):
     @property
     def adapters_dir(self) -> Path:
         return self.data_dir / "adapters"
+
+    @property
+    def engine_base_url(self) -> str:
+        """The engine this process talks to: `engine_url`, or the one `serve` starts."""
+        return self.engine_url or f"http://{self.engine_host}:{self.engine_port}"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.data_dir / "eval"
 
     @property
     def snapshots_dir(self) -> Path:

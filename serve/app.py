@@ -21,7 +21,7 @@ from serve.deps import Services
 from serve.engine import EngineClient
 from serve.metrics import Metrics
 from serve.middleware import BodyLimit, RequestMetrics
-from serve.routes import admin, chat, datasets, feedback, health, models, runs
+from serve.routes import admin, chat, datasets, feedback, gate, health, models, reports, runs
 from serve.routing import ModelRouter
 from serve.supervisor import EngineSupervisor
 from trainer.queue import deferring_app
@@ -78,7 +78,7 @@ def create_app(
 
     app = FastAPI(title="Ratchet", version=ratchet.__version__, lifespan=lifespan)
     errors.install(app)
-    for module in (chat, models, feedback, admin, datasets, runs, health):
+    for module in (chat, models, feedback, admin, datasets, runs, gate, reports, health):
         app.include_router(module.router)
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
@@ -109,6 +109,7 @@ def _services(
         conninfo=conninfo,
         pool=pool,
         engine=engine,
+        engines=[engine],
         router=router,
         auth=Authenticator(pool, settings.auth_cache_seconds),
         metrics=metrics,

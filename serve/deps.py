@@ -26,6 +26,8 @@ class Services:
     conninfo: str
     pool: AsyncConnectionPool
     engine: EngineClient
+    # Every engine replica: a promotion loads and smoke-tests the adapter on each.
+    engines: list[EngineClient]
     router: ModelRouter
     auth: Authenticator
     metrics: Metrics

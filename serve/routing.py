@@ -94,6 +94,13 @@ class ModelRouter:
                         raise
             self._loaded.add(adapter.engine_name)
 
+    async def warm(self) -> None:
+        """Load production and the candidate now, so that a restarted gateway (or
+        engine) serves them from its first request; readiness waits for this."""
+        for adapter in (await self._current()).values():
+            if adapter is not None:
+                await self.ensure_loaded(adapter)
+
     def mark_unloaded(self, engine_model: str) -> None:
         self._loaded.discard(engine_model)
 

@@ -7,6 +7,7 @@ it to one training at a time.
 """
 
 import logging
+import uuid
 from typing import Any
 
 import psycopg
@@ -32,11 +33,8 @@ def make_app(settings: Settings, conninfo: str) -> App:
         execute_queued(settings, conninfo, run_id)
 
     @blueprint.task(name="evaluate", queue=QUEUE)
-    def evaluate(adapter_id: str) -> None:
-        # The promotion gate (eval/) is not built yet: record that the candidate waits.
-        runs.record_eval(
-            conninfo, adapter_id, "awaiting evaluation: the promotion gate (eval/) is not built yet"
-        )
+    async def evaluate(adapter_id: str, evaluation_id: int | None = None) -> None:
+        await run_evaluation(settings, conninfo, adapter_id, evaluation_id)
 
     @blueprint.periodic(cron=settings.train_cron, periodic_id="nightly")
     @blueprint.task(name="nightly", queue=QUEUE)
@@ -49,6 +47,27 @@ def make_app(settings: Settings, conninfo: str) -> App:
     )
     app.add_tasks_from(blueprint, namespace="ratchet")
     return app
+
+
+async def run_evaluation(
+    settings: Settings, conninfo: str, adapter_id: str, evaluation_id: int | None
+) -> None:
+    """The gate on one candidate; a new candidate's job comes without an evaluation row."""
+    from eval import store
+    from eval.errors import EvalError
+    from eval.run import evaluate
+
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        if evaluation_id is None:
+            try:
+                evaluation_id = (await store.create(conn, uuid.UUID(adapter_id), "training")).id
+            except store.EvaluationBusy as exc:
+                log.info("adapter %s: %s", adapter_id, exc)
+                return
+        try:
+            await evaluate(settings, conn, evaluation_id)
+        except EvalError as exc:  # recorded on the evaluation already
+            log.warning("evaluation %s failed: %s", evaluation_id, exc)
 
 
 def execute_queued(settings: Settings, conninfo: str, run_id: int) -> None:

@@ -129,18 +129,6 @@ def latest_metrics(conninfo: str, run_id: int) -> dict[str, float]:
     return {str(name): float(value) for name, value in rows}
 
 
-def record_eval(conninfo: str, adapter_id: str, reason: str) -> Run:
-    """An evaluation run for an adapter, recorded as skipped with the reason."""
-    with psycopg.connect(conninfo) as conn, conn.cursor(row_factory=class_row(Run)) as cur:
-        run = cur.execute(
-            "INSERT INTO runs (kind, status, params, adapter_id, reason, finished_at)"
-            " VALUES ('eval', 'skipped', '{}', %s, %s, now()) RETURNING " + _COLUMNS,
-            (adapter_id, reason),
-        ).fetchone()
-    assert run is not None
-    return run
-
-
 def active_training(conninfo: str) -> Run | None:
     with psycopg.connect(conninfo) as conn, conn.cursor(row_factory=class_row(Run)) as cur:
         return cur.execute(

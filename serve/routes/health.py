@@ -15,8 +15,10 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(services: ServicesDep) -> JSONResponse:
-    """Postgres and the engine both answer; 503 with details otherwise."""
+    """Postgres and the engine answer, and the engine has production and the candidate
+    loaded; 503 with details otherwise."""
     checks = {"database": await _database_ok(services), "engine": await _engine_ok(services)}
+    checks["adapters"] = all(checks.values()) and await _adapters_ok(services)
     ready = all(checks.values())
     return JSONResponse(
         {"status": "ready" if ready else "not_ready", "checks": checks},
@@ -44,3 +46,11 @@ async def _engine_ok(services: ServicesDep) -> bool:
     if services.supervisor is not None and not services.supervisor.ready:
         return False
     return await services.engine.health()
+
+
+async def _adapters_ok(services: ServicesDep) -> bool:
+    try:
+        await services.router.warm()
+    except Exception:
+        return False
+    return True

@@ -104,7 +104,13 @@ def test_worker_runs_the_queued_training(
     queued = client.post("/v1/admin/retrain", json=FAST, headers=auth(ops_key[1]))
     assert queued.status_code == 202, queued.text
     run_id = queued.json()["id"]
-    env = {**os.environ, **gateway_env, "RATCHET_DATA_DIR": str(data_dir)}
+    env = {
+        **os.environ,
+        **gateway_env,
+        "RATCHET_DATA_DIR": str(data_dir),
+        "RATCHET_ENGINE_URL": str(client.app.state.services.engine.base_url),  # type: ignore[attr-defined]
+        "RATCHET_EVAL__TASKS": "[]",
+    }
     worker = subprocess.run(
         [RATCHET, "worker", "--once"], env=env, capture_output=True, text=True, timeout=600
     )
@@ -119,14 +125,14 @@ def test_worker_runs_the_queued_training(
         done["params"]["job_id"],
     )
     assert jobs[0]["status"] == "succeeded"
-    # The candidate's evaluation was queued and run by the same worker; until the
-    # promotion gate exists, it records that the candidate awaits evaluation.
+    # The candidate's evaluation was queued and run by the same worker: a decided
+    # report (benchmarks are left out here; the gate tests run them).
     evaluation = query(
-        database_url,
-        "SELECT * FROM runs WHERE kind = 'eval' AND adapter_id = %s",
-        done["adapter_id"],
+        database_url, "SELECT * FROM evaluations WHERE adapter_id = %s", done["adapter_id"]
     )
-    assert evaluation and evaluation[0]["reason"].startswith("awaiting evaluation")
+    assert evaluation and evaluation[0]["status"] == "succeeded", evaluation
+    assert evaluation[0]["decision"] in ("pass", "fail") and evaluation[0]["reasons"]
+    assert evaluation[0]["report"]["diff_summary"]["n"] >= 32
 
 
 def test_nightly_skips_below_min_new_pairs(
