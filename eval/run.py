@@ -7,6 +7,7 @@ candidate's status follows the decision (in `auto` mode a pass also promotes).
 """
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -82,6 +83,7 @@ async def evaluate(
         on_progress(stage, overall)
         await store.progress(conn, evaluation_id, stage, overall)
 
+    beating = asyncio.create_task(_heartbeat(conn, evaluation_id, settings.run_heartbeat_s))
     try:
         policy = load_policy(settings.eval.policy_file)
         await promotion.check_files(candidate)
@@ -96,10 +98,21 @@ async def evaluate(
     except BaseException as exc:
         await _failed(conn, evaluation_id, candidate, f"{type(exc).__name__}: {exc}")
         raise
+    finally:
+        beating.cancel()
     await _apply_decision(settings, conn, evaluation_id, candidate, report)
     done = await store.get(conn, evaluation_id)
     assert done is not None
     return done
+
+
+async def _heartbeat(conn: AsyncConnection, evaluation_id: int, every: float) -> None:
+    """Beat while a stage runs in a thread for minutes, so that a worker starting
+    elsewhere does not take this evaluation for abandoned."""
+    while True:
+        await asyncio.sleep(every)
+        with contextlib.suppress(Exception):  # a missed beat is not worth a failure
+            await store.beat(conn, evaluation_id)
 
 
 async def gather(

@@ -170,3 +170,27 @@ def report_of(evaluation: Evaluation) -> Report | None:
             note=evaluation.review_note,
         )
     return report
+
+
+async def beat(conn: AsyncConnection, evaluation_id: int) -> None:
+    await conn.execute(
+        "UPDATE evaluations SET heartbeat_at = now() WHERE id = %s", (evaluation_id,)
+    )
+
+
+def recover_abandoned(conninfo: str, stale_after_s: float) -> list[int]:
+    """Fail evaluations whose worker died (silent for `stale_after_s`), so that their
+    adapters can be evaluated again; returns their ids."""
+    with psycopg.connect(conninfo) as conn:
+        rows = conn.execute(
+            "UPDATE evaluations SET status = 'failed', finished_at = now(), error ="
+            " 'abandoned: its worker stopped before it finished' WHERE status = 'running'"
+            " AND heartbeat_at < now() - make_interval(secs => %s) RETURNING id, adapter_id",
+            (stale_after_s,),
+        ).fetchall()
+        for _, adapter_id in rows:
+            conn.execute(
+                "UPDATE adapters SET status = 'candidate' WHERE id = %s AND status = 'evaluating'",
+                (adapter_id,),
+            )
+    return [int(r[0]) for r in rows]

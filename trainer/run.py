@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 from transformers import TrainerCallback
 
+from eval import store as evaluations
 from feedback.pairs import build as builder
 from feedback.pairs import snapshots
 from feedback.pairs.snapshots import Snapshot
@@ -182,6 +183,8 @@ def _queue_evaluation(conninfo: str, adapter_id: str) -> str:
 def recover(settings: Settings, conninfo: str) -> list[int]:
     """Fail the runs whose worker died, and remove what they left half-written."""
     dead = runs.recover_abandoned(conninfo, settings.run_stale_after_s)
+    for evaluation_id in evaluations.recover_abandoned(conninfo, settings.run_stale_after_s):
+        log.warning("evaluation %s was abandoned by its worker; marked failed", evaluation_id)
     active = {r.id for r in runs.list_runs(conninfo, 1000) if r.status == "running"}
     artifacts.sweep(settings.adapters_dir, keep=active)
     return dead

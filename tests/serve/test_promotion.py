@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 
 from ratchet.settings import Settings
@@ -86,8 +87,9 @@ def adapters(
         assert response.status_code == 201, response.text
         made.append(response.json())
     yield made
-    query(database_url, "UPDATE adapters SET status = 'retired' WHERE status <> 'retired'")
-    query(database_url, "INSERT INTO promotions (to_adapter_id, actor) VALUES (NULL, 'cleanup')")
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE adapters SET status = 'retired' WHERE status <> 'retired'")
+        conn.execute("INSERT INTO promotions (to_adapter_id, actor) VALUES (NULL, 'cleanup')")
     time.sleep(Settings().registry_cache_seconds + 0.2)
 
 
