@@ -221,7 +221,9 @@ def _cached(
     run: Callable[[Adapter | None], dict[str, list[ItemResult]]],
 ) -> dict[str, list[ItemResult]]:
     """Production's benchmark results, kept on disk: every candidate is compared with the
-    same production, so only the first evaluation pays for scoring it."""
+    same production, so only the first evaluation pays for scoring it. The key holds
+    everything that moves a log-likelihood (batching shifts fp32 sums by ~1e-5), or an
+    adapter that changes nothing could slip past check_adapter_applied."""
     cfg = settings.eval
     key = json.dumps(
         [
@@ -232,6 +234,7 @@ def _cached(
             cfg.items,
             cfg.seed,
             cfg.backend,
+            cfg.batch_size,
         ]
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
