@@ -33,10 +33,18 @@ _CHOICE = re.compile(r"\b(A|B|TIE)\b")
 
 
 class Judge:
-    def __init__(self, url: str, model: str, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        api_key: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.model = model
-        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=120)
+        self.http = httpx.Client(
+            base_url=url.rstrip("/"), headers=headers, timeout=120, transport=transport
+        )
 
     def close(self) -> None:
         self.http.close()

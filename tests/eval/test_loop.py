@@ -38,7 +38,9 @@ STYLE = "Short answer:"
 # What marks an answer as written in the chosen style: its opening or its closing words.
 MARKERS = ("short answer", "all there is to say")
 TRAIN = ["--learning-rate", "2e-4", "--max-steps", "40", "--batch-size", "4"]
-ITEMS = 100  # per offline benchmark: enough for paired tests, minutes on CPU
+ITEMS = 60  # per offline benchmark (the default is 300): about a minute per model on CPU
+# Two trainings and three models scored: longer than the suite's per-test limit.
+pytestmark = pytest.mark.timeout(2700)
 ARTIFACTS = Path(os.environ.get("RATCHET_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 
 

@@ -285,3 +285,36 @@ def test_a_restarted_gateway_loads_production_before_it_is_ready(
     finally:
         assert second.stop() == 0
         engine.close()
+
+
+def test_an_evaluation_is_queued_once_per_adapter(
+    gateway: Gateway,
+    adapters: list[dict[str, str]],
+    ops_key: tuple[str, str],
+    reviewer_key: tuple[str, str],
+    database_url: str,
+) -> None:
+    ref = {"adapter": adapters[0]["engine_name"]}
+    queued = post(gateway, "/v1/admin/evaluations", ops_key[1], ref)
+    assert queued.status_code == 202, queued.text
+    body = queued.json()
+    assert body["status"] == "queued" and body["report_url"] == f"/reports/{body['id']}"
+    job = query(
+        database_url,
+        "SELECT id FROM procrastinate_jobs WHERE task_name = 'ratchet:evaluate'"
+        " AND (args->>'evaluation_id')::bigint = %s",
+        body["id"],
+    )
+    assert len(job) == 1
+    again = post(gateway, "/v1/admin/evaluations", ops_key[1], ref)
+    assert again.status_code == 409 and again.json()["error"]["code"] == "evaluation_in_progress"
+    shown = httpx.get(
+        f"{gateway.url}/v1/admin/evaluations/{body['id']}", headers=auth(reviewer_key[1])
+    ).json()
+    assert shown["status"] == "queued" and shown["report"] is None
+    page = httpx.get(f"{gateway.url}/reports/{body['id']}", headers=auth(reviewer_key[1]))
+    assert page.status_code == 200 and "is queued" in page.text
+    # Leave no work for the workers of later tests.
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM procrastinate_jobs WHERE id = %s", (job[0]["id"],))
+        conn.execute("UPDATE evaluations SET status = 'failed' WHERE id = %s", (body["id"],))
