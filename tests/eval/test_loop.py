@@ -38,7 +38,7 @@ STYLE = "Short answer:"
 # What marks an answer as written in the chosen style: its opening or its closing words.
 MARKERS = ("short answer", "all there is to say")
 TRAIN = ["--learning-rate", "2e-4", "--max-steps", "40", "--batch-size", "4"]
-ITEMS = 60  # per offline benchmark (the default is 300): about a minute per model on CPU
+ITEMS = 40  # per offline benchmark (the default is 300): about a minute per model on CPU
 # Two trainings and three models scored: longer than the suite's per-test limit.
 pytestmark = pytest.mark.timeout(2700)
 ARTIFACTS = Path(os.environ.get("RATCHET_TEST_ARTIFACTS", ROOT / "test-artifacts"))
@@ -86,6 +86,7 @@ def env(gateway_env: dict[str, str], gateway: Gateway, data_dir: Path) -> dict[s
         "RATCHET_ENGINE_URL": gateway.engine_url,
         "RATCHET_PAIRS__HELD_OUT_FRACTION": "0.5",
         "RATCHET_EVAL__ITEMS": str(ITEMS),
+        "RATCHET_EVAL__DIFF_MAX_TOKENS": "48",  # the chosen style is short; 128 by default
     }
 
 
@@ -191,7 +192,8 @@ def harmful(
     with psycopg.connect(database_url) as conn:
         data = snapshots.require(conn, snapshot_id).load("pairs")
     swapped = data.rename_columns({"chosen": "rejected", "rejected": "chosen"})
-    config = TrainConfig(learning_rate=2e-4, max_steps=40, batch_size=4)
+    # Fewer steps than the helpful one: unlearning the preference takes less.
+    config = TrainConfig(learning_rate=2e-4, max_steps=24, batch_size=4)
     result = train(str(base_model_dir), swapped, config, tmp_path_factory.mktemp("swapped"))
     sha, stored = registry.store_files(result.adapter_dir, data_dir / "adapters")
 
