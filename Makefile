@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 	# The report page is tested in Debian's Chromium (never `playwright install`: no downloads).
 	command -v chromium >/dev/null || $(SUDO) apt-get install -y -q chromium >/dev/null
+	# deploy/'s compose file is validated with Debian's docker-compose (no engine needed).
+	command -v docker-compose >/dev/null || $(SUDO) apt-get install -y -q docker-compose >/dev/null
 	touch $(STAMP)
 
 run: install

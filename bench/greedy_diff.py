@@ -35,6 +35,7 @@ from tests.helpers import free_port, make_lora, start_gateway  # noqa: E402
 TOPICS = [
     "volcanoes", "honey", "lighthouses", "glaciers", "owls", "bridges", "tea", "chess",
     "rainbows", "deserts", "bees", "trains", "whales", "castles", "pianos", "comets",
+    "otters", "maps", "lanterns", "clouds",
 ]  # fmt: skip
 ASKS = ["Tell me about {}.", "Write two sentences about {}.", "Why do people like {}?",
         "Give me a fun fact about {}."]  # fmt: skip
