@@ -4,9 +4,9 @@
 
 Both sides answer the same prompts at temperature 0 with the same `max_tokens`, for
 the base model (production) and a LoRA on it (candidate), which is what an
-evaluation does. vLLM gets the requests 8 at a time, as the evaluator sends them
-(`RATCHET_EVAL__DIFF_CONCURRENCY`); HF `generate` gets left-padded batches of 8 with
-the PEFT adapter switched off and on. Measured in ABAB order on this machine.
+evaluation does. vLLM gets the requests `--concurrency` at a time (the evaluator's
+`RATCHET_EVAL__DIFF_CONCURRENCY`), after a short warm-up; HF `generate` gets
+left-padded batches of the same size with the PEFT adapter switched off and on.
 
 The last line of output is one JSON object: seconds per side, the speed ratio
 (HF seconds / vLLM seconds; target >= 3) and how often the two agree exactly.
@@ -152,6 +152,9 @@ def measure(
             await engine.aclose()
 
     base_name = asyncio.run(setup())
+    # A long-running engine is warm: the first batches of each shape (and the LoRA path)
+    # are slow once, and that is not what an evaluation meets.
+    asyncio.run(vllm_side(url, [base_name, "bench-lora"], items[:16], 8, args.concurrency))
     vllm_s: list[float] = []
     hf_s: list[float] = []
     for _ in range(args.rounds):
