@@ -73,9 +73,7 @@ async def promote(
             )
         if not force:
             await _check_gate(conn, adapter)
-        await check_files(adapter)
-        for engine in engines:
-            await load_and_smoke_test(engine, adapter)
+        await make_ready(engines, adapter)
         state = await _insert(
             conn,
             "promote",
@@ -111,9 +109,7 @@ async def rollback(
         previous = await get_state(conn, current.previous_id) if current.previous_id else None
         target = previous.adapter if previous else None
         if target is not None:
-            await check_files(target)
-            for engine in engines:
-                await load_and_smoke_test(engine, target)
+            await make_ready(engines, target)
         state = await _insert(
             conn,
             "rollback",
@@ -152,6 +148,13 @@ async def history(conn: AsyncConnection, limit: int = 50) -> list[dict[str, Any]
             (limit,),
         )
         return await cur.fetchall()
+
+
+async def make_ready(engines: Sequence[EngineClient], adapter: Adapter) -> None:
+    """Intact files, loaded and answering on every engine: what production needs."""
+    await check_files(adapter)
+    for engine in engines:
+        await load_and_smoke_test(engine, adapter)
 
 
 async def check_files(adapter: Adapter) -> None:
