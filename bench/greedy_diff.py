@@ -110,7 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=int, default=100)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=1, help="ABAB rounds per side")
     args = parser.parse_args()
 
@@ -123,7 +123,10 @@ def main() -> None:
         from feedback.migrate import migrate
 
         migrate(conninfo)
-        lora = make_lora(model_dir, Path(tmp) / "lora", seed=7, scale=0.02)
+        # The shape the trainer makes by default: rank 16 on the attention projections.
+        modules = ("q_proj", "k_proj", "v_proj", "o_proj")
+        lora = make_lora(model_dir, Path(tmp) / "lora", seed=7, scale=0.02, rank=16,
+                         modules=modules)  # fmt: skip
         engine_port = free_port()
         env = {
             "RATCHET_DATA_DIR": str(settings.data_dir),

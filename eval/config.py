@@ -26,7 +26,9 @@ class EvalSettings(BaseModel):
         default="hf", description="lm-eval model: hf (+peft) anywhere, vllm (+LoRA) on GPU."
     )
     diff_max_tokens: int = Field(default=128, ge=1, description="Greedy A/B answer length.")
-    diff_concurrency: int = Field(default=8, ge=1)
+    diff_concurrency: int = Field(
+        default=32, ge=1, description="Greedy requests in flight (vLLM batches them)."
+    )
     max_held_out_prompts: int = Field(default=200, ge=0)
     judge_url: str | None = Field(
         default=None, description="OpenAI-compatible endpoint of an LLM judge (optional)."

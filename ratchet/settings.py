@@ -9,12 +9,13 @@ processes can each build their own.
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
@@ -58,6 +59,19 @@ class Settings(BaseSettings):
     engine_url: str | None = Field(
         default=None, description="URL of a running vLLM server. Unset: `serve` starts one."
     )
+    engine_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="vLLM replicas, comma-separated; requests are spread over them and "
+        "each gets production and the candidate loaded. Overrides engine_url.",
+    )
+    engine_discovery: Literal["static", "dns"] = Field(
+        default="static",
+        description="dns: every address of each engine URL's host is a replica (a "
+        "Kubernetes headless Service), looked up again at every check.",
+    )
+    engine_check_interval_s: float = Field(
+        default=2.0, gt=0, description="How often each replica's health and adapters are checked."
+    )
     engine_host: str = "127.0.0.1"
     engine_port: int = Field(default=8100, ge=1, le=65535)
     engine_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -65,8 +79,20 @@ class Settings(BaseSettings):
         description="fp32 by default: the dequantized SmolLM2 weights ramble under bf16.",
     )
     engine_max_model_len: int = Field(default=2048, ge=128)
-    engine_max_lora_rank: int = Field(default=64, ge=1)
-    engine_max_loras: int = Field(default=4, ge=1)
+    # vLLM pads every adapter to max_lora_rank and gathers (rank x hidden) weights per
+    # token on CPU: rank 64 with 4 slots made LoRA answers 2.8x slower than 16 with 2.
+    engine_max_lora_rank: int = Field(
+        default=16, ge=1, description="Largest adapter rank the engine takes (trainer: r=16)."
+    )
+    engine_max_loras: int = Field(
+        default=2, ge=1, description="Adapters in one batch: production and candidate."
+    )
+    engine_cpu_reserved: int | None = Field(
+        default=None,
+        ge=0,
+        description="VLLM_CPU_NUM_OF_RESERVED_CPU. Unset: none on machines of 2 cores or "
+        "fewer (vLLM would keep half of them idle), vLLM's own rule elsewhere.",
+    )
     engine_kvcache_gib: int = Field(default=2, ge=1, description="VLLM_CPU_KVCACHE_SPACE.")
     engine_startup_timeout_s: float = Field(default=600.0, gt=0)
     engine_extra_args: list[str] = Field(default_factory=list)
@@ -92,6 +118,13 @@ class Settings(BaseSettings):
         default_factory=EvalSettings,
         description="The promotion gate, e.g. RATCHET_EVAL__ITEMS=300.",
     )
+
+    @field_validator("engine_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [u.strip() for u in value.split(",") if u.strip()]
+        return value
 
     @field_validator("data_dir")
     @classmethod
@@ -122,9 +155,21 @@ class Settings(BaseSettings):
         return self.data_dir / "adapters"
 
     @property
+    def external_engines(self) -> bool:
+        """Engines run elsewhere; `serve` starts none of its own."""
+        return bool(self.engine_urls or self.engine_url)
+
+    @property
+    def engine_base_urls(self) -> list[str]:
+        """Every replica: `engine_urls`, else `engine_url`, else the one `serve` starts."""
+        if self.engine_urls:
+            return list(self.engine_urls)
+        return [self.engine_url or f"http://{self.engine_host}:{self.engine_port}"]
+
+    @property
     def engine_base_url(self) -> str:
-        """The engine this process talks to: `engine_url`, or the one `serve` starts."""
-        return self.engine_url or f"http://{self.engine_host}:{self.engine_port}"
+        """One engine, for a job that needs just one (the evaluator's greedy diff)."""
+        return self.engine_base_urls[0]
 
     @property
     def eval_dir(self) -> Path:

@@ -52,6 +52,13 @@ def engine_env(settings: Settings) -> dict[str, str]:
     # Without it the CPU backend fails its per-NUMA-node memory check at start-up.
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.engine_kvcache_gib))
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    reserved = settings.engine_cpu_reserved
+    if reserved is None and (os.cpu_count() or 1) <= 2:
+        # vLLM keeps one core per worker away from the model for its scheduler; on two
+        # cores that halves the engine (greedy answers measured 1.45x faster without).
+        reserved = 0
+    if reserved is not None:
+        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(reserved))
     return env
 
 

@@ -113,7 +113,14 @@ def wait_ready(gateway: Gateway, timeout: float) -> None:
     raise RuntimeError(f"ratchet serve not ready in {timeout} s:\n{gateway.log()}")
 
 
-def make_lora(base_dir: Path, out_dir: Path, seed: int, scale: float = 0.5) -> Path:
+def make_lora(
+    base_dir: Path,
+    out_dir: Path,
+    seed: int,
+    scale: float = 0.5,
+    rank: int = 8,
+    modules: tuple[str, ...] = ("q_proj", "v_proj"),
+) -> Path:
     """A PEFT LoRA on the base whose B matrices are random, so that outputs change."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -122,7 +129,7 @@ def make_lora(base_dir: Path, out_dir: Path, seed: int, scale: float = 0.5) -> P
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     config = LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+        r=rank, lora_alpha=2 * rank, target_modules=list(modules), task_type="CAUSAL_LM"
     )
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
