@@ -39,6 +39,8 @@ from ratchet import promotion, registry
 from ratchet.registry import Adapter
 from ratchet.settings import Settings
 from serve.engine import EngineClient
+from serve.metrics import Metrics
+from serve.replicas import EngineSet
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, float], Coroutine[Any, Any, None]]
@@ -455,11 +457,15 @@ async def _apply_decision(
         conn, candidate.id, "passed" if report.mode == "auto" else "awaiting_review"
     )
     if report.mode == "auto":
-        engine = EngineClient(settings.engine_base_url)
+        # Every reachable replica, as the gateway's own promotion does.
+        engines = EngineSet(
+            settings.engine_base_urls, Metrics(), discover=settings.engine_discovery == "dns"
+        )
+        await engines.reconcile([])
         try:
             await promotion.promote(
                 conn,
-                [engine],
+                engines.reachable(),
                 candidate,
                 "gate (auto mode)",
                 evaluation_id=evaluation_id,
@@ -472,4 +478,4 @@ async def _apply_decision(
                 (f"auto promotion failed: {exc}", evaluation_id),
             )
         finally:
-            await engine.aclose()
+            await engines.aclose()

@@ -37,6 +37,7 @@ class CompletionRecord(BaseModel):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     latency_ms: float | None = None
+    engine_url: str | None = None  # which replica answered
 
 
 class Completion(CompletionRecord):

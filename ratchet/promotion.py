@@ -153,6 +153,13 @@ async def history(conn: AsyncConnection, limit: int = 50) -> list[dict[str, Any]
 async def make_ready(engines: Sequence[EngineClient], adapter: Adapter) -> None:
     """Intact files, loaded and answering on every engine: what production needs."""
     await check_files(adapter)
+    if not engines:
+        raise PromotionError(
+            "no engine replica is reachable to load and smoke-test the adapter; "
+            "production is unchanged",
+            503,
+            "engine_unavailable",
+        )
     for engine in engines:
         await load_and_smoke_test(engine, adapter)
 

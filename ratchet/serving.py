@@ -25,11 +25,15 @@ def run_gateway(settings: Settings) -> None:
     with database_url(settings) as url:
         migrate(url)
         supervisor = None
-        if not settings.engine_url:
+        if not settings.external_engines:
             ensure_base_model(settings)
             supervisor = EngineSupervisor(settings, settings.data_dir / "logs" / "engine.log")
         app = create_app(settings, url, supervisor=supervisor)
-        engine = settings.engine_url or f"{supervisor.url} (starting; log {supervisor.log_path})"  # type: ignore[union-attr]
+        engine = (
+            ", ".join(settings.engine_base_urls)
+            if supervisor is None
+            else f"{supervisor.url} (starting; log {supervisor.log_path})"
+        )
         print(
             f"Ratchet gateway on http://{settings.host}:{settings.port}  engine: {engine}",
             flush=True,

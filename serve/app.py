@@ -1,6 +1,7 @@
 """The gateway application: built by `create_app(settings, conninfo, ...)`, never at import."""
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,9 +19,9 @@ from serve.auth import Authenticator
 from serve.chat import ChatService
 from serve.comparisons import ComparisonService
 from serve.deps import Services
-from serve.engine import EngineClient
 from serve.metrics import Metrics
 from serve.middleware import BodyLimit, RequestMetrics
+from serve.replicas import EngineSet
 from serve.routes import admin, chat, datasets, feedback, gate, health, models, reports, runs
 from serve.routing import ModelRouter
 from serve.supervisor import EngineSupervisor
@@ -36,10 +37,16 @@ def create_app(
     engine_url: str | None = None,
     supervisor: EngineSupervisor | None = None,
 ) -> FastAPI:
-    """Build the gateway. With a supervisor, the engine is its child; else at engine_url."""
-    url = supervisor.url if supervisor else engine_url or settings.engine_url
-    if not url:
-        raise ValueError("create_app needs an engine_url or a supervisor")
+    """Build the gateway. With a supervisor, the engine is its child; else the replicas
+    at `engine_url` (one, for tests) or the settings' engine URLs."""
+    if supervisor:
+        urls = [supervisor.url]
+    elif engine_url:
+        urls = [engine_url]
+    elif settings.external_engines:
+        urls = settings.engine_base_urls
+    else:
+        raise ValueError("create_app needs engine URLs or a supervisor")
     metrics = Metrics()
 
     @asynccontextmanager
@@ -47,7 +54,12 @@ def create_app(
         pool = make_pool(conninfo, settings.db_pool_max)
         await pool.open()
         await pool.wait(timeout=30.0)
-        engine = EngineClient(url)
+        engines = EngineSet(
+            urls,
+            metrics,
+            interval=settings.engine_check_interval_s,
+            discover=settings.engine_discovery == "dns" and not supervisor,
+        )
         if supervisor:
             supervisor.start()
         jobs = deferring_app()
@@ -56,12 +68,16 @@ def create_app(
             settings,
             conninfo,
             pool,
-            engine,
+            engines,
             metrics,
             supervisor,
             await asyncio.to_thread(base_model_sha256, settings),
             jobs,
         )
+        # One pass before the first request, so replicas that are up take it at once.
+        with contextlib.suppress(Exception):
+            await engines.reconcile(await app.state.services.router.wanted())
+        engines.start(app.state.services.router.wanted)
         try:
             yield
         finally:
@@ -72,7 +88,7 @@ def create_app(
                     await supervisor.stop()
             finally:
                 try:
-                    await engine.aclose()
+                    await engines.aclose()
                 finally:
                     await pool.close()
 
@@ -89,16 +105,16 @@ def _services(
     settings: Settings,
     conninfo: str,
     pool: AsyncConnectionPool,
-    engine: EngineClient,
+    engines: EngineSet,
     metrics: Metrics,
     supervisor: EngineSupervisor | None,
     base_sha: str | None,
     jobs: JobApp,
 ) -> Services:
-    router = ModelRouter(pool, engine, settings.registry_cache_seconds)
+    router = ModelRouter(pool, engines, settings.registry_cache_seconds)
     chat_service = ChatService(
         pool=pool,
-        engine=engine,
+        engines=engines,
         router=router,
         metrics=metrics,
         max_tokens_cap=settings.max_tokens_cap,
@@ -108,8 +124,7 @@ def _services(
         settings=settings,
         conninfo=conninfo,
         pool=pool,
-        engine=engine,
-        engines=[engine],
+        engines=engines,
         router=router,
         auth=Authenticator(pool, settings.auth_cache_seconds),
         metrics=metrics,

@@ -10,10 +10,10 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
@@ -21,13 +21,13 @@ from feedback import completions
 from feedback.completions import CompletionRecord
 from ratchet.keys import ApiKey
 from serve.engine import EngineClient
-from serve.errors import EngineError, InvalidRequest
+from serve.errors import InvalidRequest
 from serve.ids import COMPLETION_ID
 from serve.metrics import Metrics
 from serve.protocol import ChatCompletionRequest
+from serve.replicas import EngineSet
 from serve.routing import ModelRouter, Target
 
-T = TypeVar("T")
 _NOT_PARAMS = {"model", "messages", "stream", "stream_options", "user"}
 
 
@@ -47,14 +47,14 @@ class ChatService:
         self,
         *,
         pool: AsyncConnectionPool,
-        engine: EngineClient,
+        engines: EngineSet,
         router: ModelRouter,
         metrics: Metrics,
         max_tokens_cap: int,
         base_model_sha256: str | None,
     ) -> None:
         self.pool = pool
-        self.engine = engine
+        self.engines = engines
         self.router = router
         self.metrics = metrics
         self.max_tokens_cap = max_tokens_cap
@@ -78,7 +78,9 @@ class ChatService:
         """Ask the engine for one answer; return the client response and its log row."""
         uid, started = uuid.uuid4(), time.perf_counter()
         body = self._engine_body(request, target)
-        response = await self._with_reload(target, lambda: self.engine.chat(body, uid.hex))
+        response, engine_url = await self.engines.call(
+            target.adapter, lambda engine: engine.chat(body, uid.hex)
+        )
         latency = time.perf_counter() - started
         response["id"], response["model"] = COMPLETION_ID.format(uid), request.model
         choice = response["choices"][0]
@@ -90,6 +92,7 @@ class ChatService:
                 "prompt_tokens": usage.get("prompt_tokens"),
                 "completion_tokens": usage.get("completion_tokens"),
                 "latency_ms": latency * 1000,
+                "engine_url": engine_url,
             }
         )
         self.metrics.completion(
@@ -112,14 +115,17 @@ class ChatService:
         uid, started = uuid.uuid4(), time.perf_counter()
         body = self._engine_body(request, target)
 
-        async def open_upstream() -> tuple[AbstractAsyncContextManager[Any], Any]:
-            context = self.engine.stream_chat(body, uid.hex)
+        async def open_upstream(
+            engine: EngineClient,
+        ) -> tuple[AbstractAsyncContextManager[Any], Any]:
+            context = engine.stream_chat(body, uid.hex)
             return context, await context.__aenter__()
 
-        upstream, response = await self._with_reload(target, open_upstream)
+        (upstream, response), engine_url = await self.engines.call(target.adapter, open_upstream)
         try:
+            record = self._record(request, target, key, uid, stream=True)
             async with self.pool.connection() as conn:
-                await completions.insert(conn, self._record(request, target, key, uid, stream=True))
+                await completions.insert(conn, record.model_copy(update={"engine_url": engine_url}))
         except BaseException:
             await upstream.__aexit__(None, None, None)
             raise
@@ -219,17 +225,6 @@ class ChatService:
             stream=stream,
             status="streaming" if stream else "complete",
         )
-
-    async def _with_reload(self, target: Target, call: Callable[[], Awaitable[T]]) -> T:
-        """Call the engine; if it has forgotten the adapter (restart), load it and retry once."""
-        try:
-            return await call()
-        except EngineError as exc:
-            if target.adapter is None or exc.status_code != 404:
-                raise
-        self.router.mark_unloaded(target.engine_model)
-        await self.router.ensure_loaded(target.adapter)
-        return await call()
 
     async def drain(self) -> None:
         """Wait for pending log writes (aborted streams); call before closing the pool."""

@@ -12,8 +12,8 @@ from ratchet.settings import Settings
 from serve.auth import Authenticator, check_role
 from serve.chat import ChatService
 from serve.comparisons import ComparisonService
-from serve.engine import EngineClient
 from serve.metrics import Metrics
+from serve.replicas import EngineSet
 from serve.routing import ModelRouter
 from serve.supervisor import EngineSupervisor
 
@@ -25,9 +25,9 @@ class Services:
     settings: Settings
     conninfo: str
     pool: AsyncConnectionPool
-    engine: EngineClient
-    # Every engine replica: a promotion loads and smoke-tests the adapter on each.
-    engines: list[EngineClient]
+    # Every engine replica: requests are spread over them, a promotion loads and
+    # smoke-tests the adapter on each.
+    engines: EngineSet
     router: ModelRouter
     auth: Authenticator
     metrics: Metrics

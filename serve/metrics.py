@@ -1,6 +1,6 @@
 """Prometheus metrics, one registry per app so that several apps can share a process."""
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -31,6 +31,19 @@ class Metrics:
             "ratchet_votes",
             "Thumbs votes by rating.",
             ["rating"],
+            registry=self.registry,
+        )
+        self.engine_ready = Gauge(
+            "ratchet_engine_ready",
+            "1 while an engine replica is up with production and the candidate loaded.",
+            ["engine"],
+            registry=self.registry,
+        )
+        self.adapter_loads = Counter(
+            "ratchet_engine_adapter_loads",
+            "Adapters loaded into a replica, by why: reconcile (before it takes requests) "
+            "or request (it had forgotten one between two checks).",
+            ["engine", "reason"],
             registry=self.registry,
         )
         self.choices = Counter(

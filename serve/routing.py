@@ -1,12 +1,10 @@
 """From a public model name (`base`, `production`, `candidate`) to what the engine runs.
 
 The mapping is read from the registry and cached for `registry_cache_seconds`, so
-the hot path does not query Postgres on every request. Adapters are loaded into
-the engine on first use under their content-addressed name, and loaded again when
-the engine says it does not know them (after an engine restart, say).
+the hot path does not query Postgres on every request. Loading adapters into the
+engines is `serve.replicas`' work: the router only says which ones are wanted.
 """
 
-import asyncio
 import time
 from dataclasses import dataclass
 
@@ -14,8 +12,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from ratchet import registry
 from ratchet.registry import Adapter
-from serve.engine import EngineClient
-from serve.errors import EngineError, EngineUnavailable, NotFound
+from serve.errors import EngineUnavailable, NotFound
+from serve.replicas import EngineSet
 
 PUBLIC_MODELS = ("base", "production", "candidate")
 
@@ -30,15 +28,13 @@ class Target:
 
 
 class ModelRouter:
-    def __init__(self, pool: AsyncConnectionPool, engine: EngineClient, ttl: float) -> None:
+    def __init__(self, pool: AsyncConnectionPool, engines: EngineSet, ttl: float) -> None:
         self.pool = pool
-        self.engine = engine
+        self.engines = engines
         self.ttl = ttl
         self._base: str | None = None
         self._adapters: dict[str, Adapter | None] = {}
         self._expires = 0.0
-        self._loaded: set[str] = set()
-        self._lock = asyncio.Lock()
 
     def invalidate(self) -> None:
         self._expires = 0.0
@@ -60,7 +56,6 @@ class ModelRouter:
                     "There is no candidate model right now.", param="model", code="model_not_found"
                 )
             return Target(public, await self.base_name(), None)
-        await self.ensure_loaded(adapter)
         return Target(public, adapter.engine_name, adapter)
 
     async def available(self) -> list[Target]:
@@ -72,37 +67,16 @@ class ModelRouter:
 
     async def base_name(self) -> str:
         if self._base is None:
-            models = await self.engine.models()
+            models = await self.engines.first().models()
             roots = [m["id"] for m in models if not m.get("parent")]
             if not roots:
                 raise EngineUnavailable("engine lists no base model")
             self._base = roots[0]
         return self._base
 
-    async def ensure_loaded(self, adapter: Adapter) -> None:
-        if adapter.engine_name in self._loaded:
-            return
-        async with self._lock:
-            if adapter.engine_name in self._loaded:
-                return
-            listed = {m["id"] for m in await self.engine.models()}
-            if adapter.engine_name not in listed:
-                try:
-                    await self.engine.load_adapter(adapter.engine_name, adapter.path)
-                except EngineError as exc:
-                    if "already" not in exc.message:  # a racing load by another gateway
-                        raise
-            self._loaded.add(adapter.engine_name)
-
-    async def warm(self) -> None:
-        """Load production and the candidate now, so that a restarted gateway (or
-        engine) serves them from its first request; readiness waits for this."""
-        for adapter in (await self._current()).values():
-            if adapter is not None:
-                await self.ensure_loaded(adapter)
-
-    def mark_unloaded(self, engine_model: str) -> None:
-        self._loaded.discard(engine_model)
+    async def wanted(self) -> list[Adapter]:
+        """The adapters every replica must have loaded before it takes requests."""
+        return [a for a in (await self._current()).values() if a is not None]
 
     async def _current(self) -> dict[str, Adapter | None]:
         now = time.monotonic()

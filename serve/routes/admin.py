@@ -2,13 +2,15 @@ import asyncio
 import contextlib
 import shutil
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter
 
 from ratchet import registry
 from ratchet.registry import Adapter, AdapterError
 from serve.deps import OpsKey, Services, ServicesDep
-from serve.errors import Conflict, EngineError, InvalidRequest
+from serve.engine import EngineClient
+from serve.errors import Conflict, EngineError, EngineUnavailable, InvalidRequest
 from serve.protocol import AdapterRegisterRequest
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
@@ -19,6 +21,18 @@ async def list_adapters(_: OpsKey, services: ServicesDep) -> list[Adapter]:
     """Every registered adapter, newest first."""
     async with services.pool.connection() as conn:
         return await registry.list_adapters(conn)
+
+
+@router.get("/engines")
+async def list_engines(_: OpsKey, services: ServicesDep) -> dict[str, Any]:
+    """Each engine replica: ready or not, the adapters it has loaded, what it misses."""
+    wanted = await services.router.wanted()
+    replicas = [r.view(wanted) for r in services.engines.replicas.values()]
+    return {
+        "object": "list",
+        "wanted": [{"engine_name": a.engine_name, "status": a.status} for a in wanted],
+        "data": replicas,
+    }
 
 
 @router.post("/adapters", status_code=201)
@@ -60,16 +74,12 @@ async def _register(source: Path, services: Services) -> Adapter:
             code="adapter_exists",
         )
     name = registry.engine_name_for(sha)
+    engines = services.engines.reachable()
     try:
-        try:
-            await services.engine.load_adapter(name, str(stored))
-        except EngineError as exc:
-            if "already" not in exc.message:  # loaded by an earlier, failed attempt
-                raise InvalidRequest(
-                    f"the engine refused the adapter: {exc.message}",
-                    param="path",
-                    code="invalid_adapter",
-                ) from exc
+        if not engines:
+            raise EngineUnavailable("no engine replica is reachable to load the adapter into")
+        for engine in engines:
+            await _load(engine, name, stored)
         async with services.pool.connection() as conn:
             adapter = await registry.register(
                 conn, sha, stored, services.base_model_sha256, source="api"
@@ -77,8 +87,21 @@ async def _register(source: Path, services: Services) -> Adapter:
     except BaseException:
         # Not registered: leave neither files nor a loaded adapter behind.
         shutil.rmtree(stored, ignore_errors=True)
-        with contextlib.suppress(Exception):
-            await services.engine.unload_adapter(name)
+        for engine in engines:
+            with contextlib.suppress(Exception):
+                await engine.unload_adapter(name)
         raise
     services.router.invalidate()
     return adapter
+
+
+async def _load(engine: EngineClient, name: str, stored: Path) -> None:
+    try:
+        await engine.load_adapter(name, str(stored))
+    except EngineError as exc:
+        if "already" not in exc.message:  # loaded by an earlier, failed attempt
+            raise InvalidRequest(
+                f"the engine at {engine.base_url} refused the adapter: {exc.message}",
+                param="path",
+                code="invalid_adapter",
+            ) from exc

@@ -137,7 +137,7 @@ async def promote(request: PromoteRequest, key: OpsKey, services: ServicesDep) -
         state = await _refusable(
             promotion.promote(
                 conn,
-                services.engines,
+                services.engines.reachable(),
                 adapter,
                 actor(key),
                 force=request.force,
@@ -156,7 +156,7 @@ async def rollback(
     async with services.pool.connection() as conn:
         state = await _refusable(
             promotion.rollback(
-                conn, services.engines, actor(key), request.reason if request else ""
+                conn, services.engines.reachable(), actor(key), request.reason if request else ""
             )
         )
     services.router.invalidate()
@@ -168,7 +168,9 @@ async def decide(
 ) -> Evaluation:
     async with services.pool.connection() as conn:
         done = await _refusable(
-            reviews.review(conn, services.engines, evaluation_id, actor(key), verdict, note)
+            reviews.review(
+                conn, services.engines.reachable(), evaluation_id, actor(key), verdict, note
+            )
         )
     services.router.invalidate()
     return done

@@ -1,3 +1,5 @@
+import contextlib
+
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -15,13 +17,22 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(services: ServicesDep) -> JSONResponse:
-    """Postgres and the engine answer, and the engine has production and the candidate
-    loaded; 503 with details otherwise."""
-    checks = {"database": await _database_ok(services), "engine": await _engine_ok(services)}
-    checks["adapters"] = all(checks.values()) and await _adapters_ok(services)
+    """Postgres answers and at least one engine replica is up with production and the
+    candidate loaded; 503 with details otherwise."""
+    database = await _database_ok(services)
+    engines = services.engines
+    if database:
+        with contextlib.suppress(Exception):  # the loop retries; this check must answer
+            await engines.reconcile(await services.router.wanted())
+    replicas = {r.url: r.ready for r in engines.replicas.values()}
+    checks = {
+        "database": database,
+        "engine": any(r.healthy for r in engines.replicas.values()),
+        "adapters": any(replicas.values()),
+    }
     ready = all(checks.values())
     return JSONResponse(
-        {"status": "ready" if ready else "not_ready", "checks": checks},
+        {"status": "ready" if ready else "not_ready", "checks": checks, "replicas": replicas},
         status_code=200 if ready else 503,
         headers=None if ready else {"Retry-After": "5"},
     )
@@ -37,20 +48,6 @@ async def _database_ok(services: ServicesDep) -> bool:
     try:
         async with services.pool.connection(timeout=2.0) as conn:
             await conn.execute("SELECT 1")
-    except Exception:
-        return False
-    return True
-
-
-async def _engine_ok(services: ServicesDep) -> bool:
-    if services.supervisor is not None and not services.supervisor.ready:
-        return False
-    return await services.engine.health()
-
-
-async def _adapters_ok(services: ServicesDep) -> bool:
-    try:
-        await services.router.warm()
     except Exception:
         return False
     return True

@@ -108,7 +108,7 @@ def test_worker_runs_the_queued_training(
         **os.environ,
         **gateway_env,
         "RATCHET_DATA_DIR": str(data_dir),
-        "RATCHET_ENGINE_URL": str(client.app.state.services.engine.base_url),  # type: ignore[attr-defined]
+        "RATCHET_ENGINE_URL": client.app.state.services.engines.first().base_url,  # type: ignore[attr-defined]
         "RATCHET_EVAL__TASKS": "[]",
         "RATCHET_EVAL__DIFF_MAX_TOKENS": "32",
     }

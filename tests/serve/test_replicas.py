@@ -1,0 +1,256 @@
+"""Two real vLLM CPU engines behind one gateway: a promotion reaches both, and a
+replica that restarts gets production loaded again before it takes requests, while
+requests keep succeeding on the other one."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from ratchet.settings import Settings
+from serve.metrics import Metrics
+from serve.replicas import EngineSet
+from serve.supervisor import engine_command, engine_env
+from tests.helpers import (
+    Gateway,
+    auth,
+    free_port,
+    fresh_database,
+    make_key,
+    make_lora,
+    query,
+    register_adapter,
+    start_gateway,
+)
+
+pytestmark = [pytest.mark.disruptive, pytest.mark.timeout(1500)]
+GREEDY = {"temperature": 0, "max_tokens": 16,
+          "messages": [{"role": "user", "content": "Name a color."}]}  # fmt: skip
+
+
+class Engine:
+    """A vLLM server of our own on a fixed port, so that it can come back there."""
+
+    def __init__(self, base_model: Path, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # Two engines on two cores: each keeps one core free (vLLM's own rule), or the
+        # one serving starves the one starting (its worker took 8 min to come up).
+        self.settings = Settings(
+            base_model=str(base_model), engine_port=self.port, engine_cpu_reserved=1
+        )
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                engine_command(self.settings),
+                env=engine_env(self.settings),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def wait_healthy(self, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process and self.process.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise AssertionError(f"engine {self.url} not healthy in {timeout} s")
+
+    def kill(self) -> None:
+        assert self.process
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def adapters(self) -> set[str]:
+        models = httpx.get(self.url + "/v1/models", timeout=10).json()["data"]
+        return {m["id"] for m in models if m.get("parent")}
+
+
+@pytest.fixture(scope="module")
+def engines(
+    base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[Engine]]:
+    logs = tmp_path_factory.mktemp("replicas")
+    pair = [Engine(base_model_dir, logs / f"engine-{i}.log") for i in range(2)]
+    try:
+        for engine in pair:
+            engine.start()
+        for engine in pair:
+            engine.wait_healthy()
+        yield pair
+    finally:
+        for engine in pair:
+            if engine.process and engine.process.poll() is None:
+                engine.kill()
+
+
+def engines_view(gateway: Gateway, key: str) -> dict[str, dict[str, Any]]:
+    response = httpx.get(gateway.url + "/v1/admin/engines", headers=auth(key), timeout=10)
+    assert response.status_code == 200, response.text
+    return {r["url"]: r for r in response.json()["data"]}
+
+
+def loads(gateway: Gateway, url: str, reason: str) -> float:
+    text = httpx.get(gateway.url + "/metrics", timeout=10).text
+    wanted = f'ratchet_engine_adapter_loads_total{{engine="{url}",reason="{reason}"}} '
+    lines = [ln for ln in text.splitlines() if ln.startswith(wanted)]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+def test_adapters_stay_consistent_across_replicas(
+    engines: list[Engine],
+    server_url: str,
+    base_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    first, second = engines
+    with fresh_database(server_url) as database_url:
+        ops, chat = make_key(database_url, "ops")[1], make_key(database_url, "chat")[1]
+        env = {
+            "DATABASE_URL": database_url,
+            "RATCHET_DATA_DIR": str(tmp_path / "data"),
+            "RATCHET_BASE_MODEL": str(base_model_dir),
+            "RATCHET_ENGINE_URLS": f"{first.url},{second.url}",
+            "RATCHET_ENGINE_CHECK_INTERVAL_S": "0.5",
+        }
+        gateway = start_gateway(env, tmp_path / "gateway.log")
+        try:
+            check_consistency(gateway, engines, ops, chat, database_url, base_model_dir, tmp_path)
+        finally:
+            assert gateway.stop() == 0, gateway.log()
+
+
+def check_consistency(
+    gateway: Gateway,
+    engines: list[Engine],
+    ops: str,
+    chat: str,
+    database_url: str,
+    base_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    first, second = engines
+    base_answer = ask(gateway, chat)
+    lora = make_lora(base_model_dir, tmp_path / "lora", seed=11)
+    registered = register_adapter(gateway, ops, lora)
+    assert registered.status_code == 201, registered.text
+    name = registered.json()["engine_name"]
+    body = {"adapter": name, "force": True, "reason": "replica test"}
+    promoted = httpx.post(
+        gateway.url + "/v1/admin/promotions", headers=auth(ops), timeout=120, json=body
+    )
+    assert promoted.status_code == 201, promoted.text
+    assert all(name in engine.adapters() for engine in engines)  # loaded on each replica
+    view = engines_view(gateway, ops)
+    assert set(view) == {first.url, second.url}
+    assert all(r["ready"] and name in r["adapters"] and not r["missing"] for r in view.values())
+
+    time.sleep(Settings().registry_cache_seconds + 0.2)
+    answer = ask(gateway, chat)
+    assert answer != base_answer  # production answers through the adapter
+
+    results: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def traffic() -> None:  # a client that keeps asking all through the restart
+        while not stop.is_set():
+            response = httpx.post(gateway.url + "/v1/chat/completions", headers=auth(chat),
+                                  json={"model": "production", **GREEDY}, timeout=120)  # fmt: skip
+            body = response.json()
+            text = body["choices"][0]["message"]["content"] if response.status_code == 200 else ""
+            results.append((response.status_code, text or str(body)))
+            stop.wait(0.5)  # a steady client, not a load test
+
+    client = threading.Thread(target=traffic)
+    client.start()
+    try:
+        second.kill()
+        wait_for(lambda: not engines_view(gateway, ops)[second.url]["ready"], 30)
+        with pytest.raises(httpx.TransportError):  # it is really gone
+            second.adapters()
+        second.start()
+        second.wait_healthy()
+        # Between healthy and ready the gateway loads production; it must never call
+        # the replica ready while the engine lacks the adapter.
+        deadline = time.monotonic() + 120
+        while not engines_view(gateway, ops)[second.url]["ready"]:
+            assert time.monotonic() < deadline, gateway.log()
+            time.sleep(0.2)
+        assert name in second.adapters()
+        served = len(results)
+        wait_for(lambda: len(results) >= served + 6, 180)
+    finally:
+        stop.set()
+        client.join(timeout=180)
+
+    assert results and all(status == 200 for status, _ in results), results
+    assert {text for _, text in results} == {answer}  # every answer from the adapter
+    view = engines_view(gateway, ops)
+    assert view[second.url]["restarts"] == 1 and view[second.url]["ready"]
+    assert loads(gateway, second.url, "reconcile") >= 1  # reloaded before taking requests
+    assert loads(gateway, second.url, "request") == 0  # never routed to it without it
+    rows = query(
+        database_url,
+        "SELECT engine_url, output, adapter_sha256 FROM completions WHERE public_model ="
+        " 'production' AND adapter_sha256 IS NOT NULL",
+    )
+    by_engine = {r["engine_url"] for r in rows}
+    assert by_engine == {first.url, second.url}  # both replicas served, after the restart too
+    assert {r["output"] for r in rows} == {answer}
+
+
+def ask(gateway: Gateway, key: str) -> str:
+    response = httpx.post(gateway.url + "/v1/chat/completions", headers=auth(key),
+                          json={"model": "production", **GREEDY}, timeout=120)  # fmt: skip
+    assert response.status_code == 200, response.text
+    return str(response.json()["choices"][0]["message"]["content"])
+
+
+def wait_for(condition: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_headless_service_addresses_become_replicas() -> None:
+    """With dns discovery, each address of the name is a replica, looked up each pass."""
+    answers = {"engines.ratchet.svc": ["127.0.0.2", "127.0.0.3"]}
+
+    async def resolve(host: str) -> list[str]:  # the DNS server: an outside boundary
+        return answers[host]
+
+    async def scenario() -> tuple[set[str], set[str], bool]:
+        port = free_port()
+        engines = EngineSet([f"http://engines.ratchet.svc:{port}"], Metrics(), discover=True,
+                            resolve=resolve)  # fmt: skip
+        await engines.reconcile([])
+        found = set(engines.replicas)
+        answers["engines.ratchet.svc"] = ["127.0.0.3"]
+        await engines.reconcile([])
+        later = set(engines.replicas)
+        any_ready = any(r.ready for r in engines.replicas.values())  # nothing listens there
+        await engines.aclose()
+        return found, later, any_ready
+
+    found, later, any_ready = asyncio.run(scenario())
+    port = next(iter(later)).rsplit(":", 1)[1]
+    assert found == {f"http://127.0.0.2:{port}", f"http://127.0.0.3:{port}"}
+    assert later == {f"http://127.0.0.3:{port}"}
+    assert not any_ready
