@@ -73,13 +73,23 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Gateway address.")] = None,
     port: Annotated[int | None, typer.Option(help="Gateway port.")] = None,
     engine_url: Annotated[
-        str | None, typer.Option(help="Use this running vLLM server instead of starting one.")
+        list[str] | None,
+        typer.Option(
+            help="Use this running vLLM server instead of starting one; repeat it for "
+            "several replicas."
+        ),
     ] = None,
 ) -> None:
     """Run the gateway, and the vLLM engine unless --engine-url is given."""
     from ratchet.serving import run_gateway
 
-    settings = load_settings(host=host, port=port, engine_url=engine_url)
+    urls = engine_url or []
+    settings = load_settings(
+        host=host,
+        port=port,
+        engine_url=urls[0] if len(urls) == 1 else None,
+        engine_urls=urls if len(urls) > 1 else None,
+    )
     try:
         run_gateway(settings)
     except RatchetError as exc:
