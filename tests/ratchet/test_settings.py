@@ -72,3 +72,21 @@ def test_cli_reports_invalid_settings(tmp_path: Path) -> None:
     env = {**os.environ, "RATCHET_ENGINE_DTYPE": "int3"}
     result = subprocess.run([RATCHET, "config"], env=env, capture_output=True, text=True)
     assert result.returncode == 2 and "engine_dtype" in result.stderr
+
+
+def test_engine_replicas_from_a_list_or_one_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RATCHET_ENGINE_URLS", "http://a:8000, http://b:8000,")
+    replicas = Settings()
+    assert replicas.engine_base_urls == ["http://a:8000", "http://b:8000"]
+    assert replicas.external_engines and replicas.engine_base_url == "http://a:8000"
+    config = tmp_path / "ratchet.yaml"
+    config.write_text("engine_urls: [http://c:8000, http://d:8000]\n")
+    monkeypatch.delenv("RATCHET_ENGINE_URLS")
+    monkeypatch.setenv("RATCHET_CONFIG", str(config))
+    assert Settings().engine_base_urls == ["http://c:8000", "http://d:8000"]  # a YAML list
+    monkeypatch.delenv("RATCHET_CONFIG")
+    local = Settings(engine_port=8123)
+    assert not local.external_engines  # `serve` starts its own engine
+    assert local.engine_base_urls == ["http://127.0.0.1:8123"]
