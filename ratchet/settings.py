@@ -123,7 +123,10 @@ class Settings(BaseSettings):
     @classmethod
     def _split_urls(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return [u.strip() for u in value.split(",") if u.strip()]
+            value = [u.strip() for u in value.split(",") if u.strip()]
+        for url in value if isinstance(value, list) else []:
+            if not str(url).startswith(("http://", "https://")):
+                raise ValueError(f"engine URL {url!r} must start with http:// or https://")
         return value
 
     @field_validator("data_dir")

@@ -90,3 +90,9 @@ def test_engine_replicas_from_a_list_or_one_url(
     local = Settings(engine_port=8123)
     assert not local.external_engines  # `serve` starts its own engine
     assert local.engine_base_urls == ["http://127.0.0.1:8123"]
+
+
+def test_engine_urls_must_be_http(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RATCHET_ENGINE_URLS", "http://a:8000,vllm-1:8000")
+    with pytest.raises(ValidationError, match="vllm-1:8000"):
+        Settings()
