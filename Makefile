@@ -34,6 +34,7 @@ test: install lint typecheck pytest
 lint: install
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	.venv/bin/lint-imports --no-logo
 
 typecheck: install
 	.venv/bin/mypy ratchet serve feedback trainer eval bench tests

@@ -123,7 +123,7 @@ def main() -> None:
         prepare_default(model_dir)
     global KEY
     with database_url(settings) as conninfo, tempfile.TemporaryDirectory() as tmp:
-        from feedback.migrate import migrate
+        from ratchet.migrate import migrate
 
         migrate(conninfo)
         _, KEY = make_key(conninfo, "chat", "bench")

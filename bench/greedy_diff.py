@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 from eval import greedy  # noqa: E402
 from ratchet.db import database_url  # noqa: E402
+from ratchet.engine import EngineClient  # noqa: E402
 from ratchet.model import prepare_default  # noqa: E402
 from ratchet.settings import Settings  # noqa: E402
-from serve.engine import EngineClient  # noqa: E402
 from tests.helpers import free_port, make_lora, start_gateway  # noqa: E402
 
 TOPICS = [
@@ -120,7 +120,7 @@ def main() -> None:
         prepare_default(model_dir)
     items = prompts(args.prompts)
     with database_url(settings) as conninfo, tempfile.TemporaryDirectory() as tmp:
-        from feedback.migrate import migrate
+        from ratchet.migrate import migrate
 
         migrate(conninfo)
         # The shape the trainer makes by default: rank 16 on the attention projections.

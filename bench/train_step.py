@@ -20,9 +20,9 @@ sys.path.insert(0, str(ROOT))
 
 from datasets import Dataset, DatasetDict  # noqa: E402
 
+from ratchet.config import TrainConfig  # noqa: E402
 from ratchet.model import prepare_default  # noqa: E402
 from ratchet.settings import Settings  # noqa: E402
-from trainer.config import TrainConfig  # noqa: E402
 from trainer.train import train  # noqa: E402
 
 

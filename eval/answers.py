@@ -5,7 +5,7 @@ import re
 from collections import Counter
 from typing import Literal
 
-from eval.report import Flag
+from ratchet.report import Flag
 
 REFUSALS = re.compile(
     r"\b(i can(?:'|no)t (?:help|assist|provide|do that|answer)|i cannot\b|i'm sorry, but"

@@ -6,7 +6,7 @@ from eval import stats
 from eval.judge import Verdict, score
 from eval.policy import Policy
 from eval.preference import PairScore
-from eval.report import (
+from ratchet.report import (
     BenchmarkScore,
     Criterion,
     Decision,

@@ -10,9 +10,8 @@ from typing import Any
 
 from eval import answers
 from eval.errors import EngineNotReady
-from eval.report import FLAGS, Answer, DiffItem, DiffSummary, FlagRate
-from serve.engine import EngineClient
-from serve.errors import EngineError, EngineUnavailable
+from ratchet.engine import EngineClient, EngineRejected, EngineUnavailable
+from ratchet.report import FLAGS, Answer, DiffItem, DiffSummary, FlagRate
 
 REGRESSION_PROMPTS = Path(__file__).with_name("prompts") / "regression.jsonl"
 
@@ -40,7 +39,7 @@ async def ensure_loaded(engine: EngineClient, name: str, path: str) -> None:
             await engine.load_adapter(name, path)
     except EngineUnavailable as exc:
         raise EngineNotReady(f"the vLLM engine at {engine.base_url} is not reachable") from exc
-    except EngineError as exc:
+    except EngineRejected as exc:
         if "already" not in exc.message:
             raise EngineNotReady(f"the engine refused adapter {name}: {exc.message}") from exc
 

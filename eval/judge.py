@@ -12,7 +12,7 @@ from typing import Literal
 import httpx
 
 from eval.errors import JudgeError
-from eval.report import DiffItem
+from ratchet.report import DiffItem
 
 Verdict = Literal["candidate", "production", "tie"]
 

@@ -7,7 +7,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from eval.errors import PolicyError
-from eval.report import Flag
+from ratchet.report import Flag
 
 DEFAULT_POLICY = Path(__file__).with_name("policy.yaml")
 

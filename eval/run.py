@@ -20,13 +20,17 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
-from eval import gate, greedy, store
+from eval import gate, greedy
 from eval.benchmarks import ItemResult, check_adapter_applied, run_benchmarks
 from eval.errors import EvalError, EvaluationFailed
 from eval.judge import Judge, judge_all
 from eval.policy import Policy, load_policy
 from eval.preference import HeldOutPair, score_pairs
-from eval.report import (
+from ratchet import evaluations, promotion, registry
+from ratchet.engine import EngineClient
+from ratchet.registry import Adapter
+from ratchet.replicas import EngineSet
+from ratchet.report import (
     BenchmarkScore,
     DiffItem,
     JudgeResult,
@@ -35,12 +39,7 @@ from eval.report import (
     Report,
     Review,
 )
-from ratchet import promotion, registry
-from ratchet.registry import Adapter
 from ratchet.settings import Settings
-from serve.engine import EngineClient
-from serve.metrics import Metrics
-from serve.replicas import EngineSet
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, float], Coroutine[Any, Any, None]]
@@ -68,22 +67,24 @@ async def evaluate(
     conn: AsyncConnection,
     evaluation_id: int,
     on_progress: Callable[[str, float], None] = lambda stage, fraction: None,
-) -> store.Evaluation:
+) -> evaluations.Evaluation:
     """Run a queued evaluation; a failure is recorded on the row and re-raised."""
-    evaluation = await store.get(conn, evaluation_id)
+    evaluation = await evaluations.get(conn, evaluation_id)
     if evaluation is None or evaluation.status != "queued":
         raise EvaluationFailed(f"evaluation {evaluation_id} is not queued")
     candidate = await registry.get_by_id(conn, evaluation.adapter_id)
     assert candidate is not None
     production = await registry.production(conn)
-    await store.start(conn, evaluation_id, production.id if production else None)
+    # Atomic: of two jobs for one row (a job queued again by the sweep), one runs it.
+    if not await evaluations.start(conn, evaluation_id, production.id if production else None):
+        raise EvaluationFailed(f"evaluation {evaluation_id} was started by another worker")
     await registry.set_status(conn, candidate.id, "evaluating")
 
     async def progress(stage: str, fraction: float) -> None:
         low, high = STAGES[stage]
         overall = low + (high - low) * fraction
         on_progress(stage, overall)
-        await store.progress(conn, evaluation_id, stage, overall)
+        await evaluations.progress(conn, evaluation_id, stage, overall)
 
     beating = asyncio.create_task(_heartbeat(conn, evaluation_id, settings.run_heartbeat_s))
     try:
@@ -93,7 +94,7 @@ async def evaluate(
         report = await _report(
             settings, conn, evaluation_id, candidate, production, policy, evidence
         )
-        await store.finish(conn, evaluation_id, report, evidence.items)
+        await evaluations.finish(conn, evaluation_id, report, evidence.items)
     except (EvalError, promotion.PromotionError) as exc:
         await _failed(conn, evaluation_id, candidate, str(exc))
         raise EvaluationFailed(str(exc)) from exc
@@ -103,7 +104,7 @@ async def evaluate(
     finally:
         beating.cancel()
     await _apply_decision(settings, conn, evaluation_id, candidate, report)
-    done = await store.get(conn, evaluation_id)
+    done = await evaluations.get(conn, evaluation_id)
     assert done is not None
     return done
 
@@ -114,7 +115,7 @@ async def _heartbeat(conn: AsyncConnection, evaluation_id: int, every: float) ->
     while True:
         await asyncio.sleep(every)
         with contextlib.suppress(Exception):  # a missed beat is not worth a failure
-            await store.beat(conn, evaluation_id)
+            await evaluations.beat(conn, evaluation_id)
 
 
 async def gather(
@@ -271,7 +272,7 @@ async def _greedy(
             seen.add(key)
             prompts.append(greedy.Prompt("held_out", pair.prompt))
     prompts += greedy.regression_prompts()
-    engine = EngineClient(settings.engine_base_url)
+    engine = EngineClient(settings.engine_base_url, settings.engine_timeouts)
     try:
         base_name = await _base_name(engine)
         await greedy.ensure_loaded(engine, candidate.engine_name, candidate.path)
@@ -297,7 +298,7 @@ async def _greedy(
 
 async def _base_name(engine: EngineClient) -> str:
     from eval.errors import EngineNotReady
-    from serve.errors import EngineUnavailable
+    from ratchet.engine import EngineUnavailable
 
     try:
         models = await engine.models()
@@ -407,10 +408,8 @@ def _ref(adapter: Adapter | None) -> ModelRef:
 
 
 def _training_card(path: Path) -> dict[str, Any] | None:
-    from trainer.artifacts import CARD
-
     try:
-        card: dict[str, Any] = json.loads((path / CARD).read_text())
+        card: dict[str, Any] = json.loads((path / registry.TRAINING_CARD).read_text())
     except (OSError, ValueError):
         return None
     return card
@@ -439,7 +438,7 @@ async def _failed(
     conn: AsyncConnection, evaluation_id: int, candidate: Adapter, error: str
 ) -> None:
     log.warning("evaluation %s failed: %s", evaluation_id, error)
-    await store.fail(conn, evaluation_id, error)
+    await evaluations.fail(conn, evaluation_id, error)
     await registry.set_status(conn, candidate.id, "candidate")
 
 
@@ -459,17 +458,20 @@ async def _apply_decision(
     if report.mode == "auto":
         # Every reachable replica, as the gateway's own promotion does.
         engines = EngineSet(
-            settings.engine_base_urls, Metrics(), discover=settings.engine_discovery == "dns"
+            settings.engine_base_urls,
+            discover=settings.engine_discovery == "dns",
+            client_factory=lambda url: EngineClient(url, settings.engine_timeouts),
         )
-        await engines.reconcile([])
+        await engines.reconcile([], wait=settings.engine_admin_timeout_s)
         try:
             await promotion.promote(
-                conn,
+                promotion.single(conn),
                 engines.reachable(),
                 candidate,
                 "gate (auto mode)",
                 evaluation_id=evaluation_id,
                 reason="passed the gate",
+                lock_timeout_s=settings.promotion_lock_timeout_s,
             )
         except promotion.PromotionError as exc:
             log.error("auto promotion of %s failed: %s", candidate.sha256, exc)

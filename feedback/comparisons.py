@@ -38,10 +38,13 @@ async def create(
     params: dict[str, Any],
     completion_a: uuid.UUID,
     completion_b: uuid.UUID,
+    created_at: datetime | None = None,
 ) -> None:
     await conn.execute(
         "INSERT INTO comparisons (id, key_id, end_user, messages, params,"
-        " completion_a, completion_b) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+        " completion_a, completion_b, created_at)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, coalesce(%s, now()))"
+        " ON CONFLICT (id) DO NOTHING",  # idempotent: replays from the spool
         (
             comparison_id,
             key_id,
@@ -50,19 +53,24 @@ async def create(
             Jsonb(params),
             completion_a,
             completion_b,
+            created_at,
         ),
     )
 
 
 async def decide(
-    conn: AsyncConnection, comparison_id: uuid.UUID, choice: Choice, chooser: str
+    conn: AsyncConnection,
+    comparison_id: uuid.UUID,
+    choice: Choice,
+    chooser: str,
+    at: datetime | None = None,
 ) -> Comparison:
     """Record the choice. Repeating the same choice is a no-op; a different one is refused."""
     async with conn.cursor(row_factory=class_row(Comparison)) as cur:
         await cur.execute(
-            "UPDATE comparisons SET choice = %s, chooser = %s, decided_at = now()"
+            "UPDATE comparisons SET choice = %s, chooser = %s, decided_at = coalesce(%s, now())"
             " WHERE id = %s AND choice IS NULL RETURNING *",
-            (choice, chooser, comparison_id),
+            (choice, chooser, at, comparison_id),
         )
         decided = await cur.fetchone()
         if decided is not None:

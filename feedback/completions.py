@@ -1,17 +1,25 @@
 """The answer log: one row per answer the gateway gave, with its full provenance."""
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from psycopg import AsyncConnection
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from feedback.prompts import prompt_sha256
 
-__all__ = ["Completion", "CompletionRecord", "finish", "get", "insert", "prompt_sha256"]
+__all__ = [
+    "Completion",
+    "CompletionRecord",
+    "finish",
+    "get",
+    "insert",
+    "prompt_sha256",
+    "sweep_streams",
+]
 
 CompletionStatus = Literal["streaming", "complete", "aborted"]
 
@@ -38,15 +46,20 @@ class CompletionRecord(BaseModel):
     completion_tokens: int | None = None
     latency_ms: float | None = None
     engine_url: str | None = None  # which replica answered
+    gateway_id: uuid.UUID | None = None  # which gateway process holds a stream
+    # The gateway's clock: a row written late (from the spool) keeps its real time.
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 
 class Completion(CompletionRecord):
-    created_at: datetime
+    pass
 
 
 _FIELDS = list(CompletionRecord.model_fields)
+# Idempotent: a write replayed from the spool may have reached the database before.
 _INSERT = (
     f"INSERT INTO completions ({', '.join(_FIELDS)}) VALUES ({', '.join(['%s'] * len(_FIELDS))})"
+    " ON CONFLICT (id) DO NOTHING"
 )
 
 
@@ -91,7 +104,19 @@ async def finish(
 async def get(conn: AsyncConnection, completion_id: uuid.UUID) -> Completion | None:
     async with conn.cursor(row_factory=class_row(Completion)) as cur:
         await cur.execute(
-            f"SELECT {', '.join(_FIELDS)}, created_at FROM completions WHERE id = %s",
+            f"SELECT {', '.join(_FIELDS)} FROM completions WHERE id = %s",
             (completion_id,),
         )
         return await cur.fetchone()
+
+
+async def sweep_streams(conn: AsyncConnection, gateway_ids: list[uuid.UUID]) -> int:
+    """Mark the streams of gateways that are gone `aborted`; returns how many."""
+    if not gateway_ids:
+        return 0
+    cur = await conn.execute(
+        "UPDATE completions SET status = 'aborted', output = coalesce(output, '')"
+        " WHERE status = 'streaming' AND gateway_id = ANY(%s)",
+        (gateway_ids,),
+    )
+    return cur.rowcount

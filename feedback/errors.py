@@ -3,7 +3,11 @@
 FeedbackError
  ├── UnknownCompletion   a vote names a completion that was never logged
  ├── UnknownComparison   a choice names a comparison that does not exist
- └── AlreadyDecided      a comparison already has a different choice
+ ├── AlreadyDecided      a comparison already has a different choice
+ ├── NotEnoughPairs      the votes yield too few pairs for a snapshot
+ ├── UnknownSnapshot     no snapshot with this id
+ ├── SnapshotCorrupted   a snapshot's files do not match their hashes
+ └── StorageUnavailable  neither the database nor the spool can take a write now
 """
 
 from ratchet.errors import RatchetError
@@ -47,3 +51,14 @@ class UnknownSnapshot(FeedbackError):
 
 class SnapshotCorrupted(FeedbackError):
     """A snapshot's files are missing or do not match their recorded hashes."""
+
+
+class StorageUnavailable(FeedbackError):
+    """The database is down and the spool is full or disabled: nothing was written, and
+    the client should retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, code: str = "storage_unavailable", retry_after: int = 5):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.retry_after = retry_after

@@ -23,12 +23,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from eval.cli import evaluate, report
+from eval.cli import evaluate
 from feedback.cli import data_app
 from ratchet import keys, registry
 from ratchet.cli_support import err, load_settings, with_db
 from ratchet.errors import RatchetError
-from trainer.cli import list_runs, train, worker
+from ratchet.worker import worker
+from serve.cli import report
+from trainer.cli import list_runs, train
 
 T = TypeVar("T")
 app = typer.Typer(
@@ -124,7 +126,7 @@ def model_prepare(force: Annotated[bool, typer.Option(help="Convert again.")] = 
 @db_app.command("migrate")
 def db_migrate() -> None:
     """Apply pending schema migrations (also done at every start)."""
-    from feedback.migrate import available
+    from ratchet.migrate import available
 
     async def count(conn: psycopg.AsyncConnection) -> int:
         row = await (await conn.execute("SELECT count(*) FROM schema_migrations")).fetchone()

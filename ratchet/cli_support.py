@@ -28,7 +28,7 @@ def load_settings(**overrides: Any) -> Settings:
 @contextmanager
 def migrated_database(settings: Settings) -> Iterator[str]:
     """The database's conninfo (embedded if needed), migrated; errors exit with 1."""
-    from feedback.migrate import migrate
+    from ratchet.migrate import migrate
 
     try:
         with database_url(settings) as url:

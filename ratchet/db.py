@@ -6,13 +6,16 @@ long as the process needs it, and is stopped on exit. Several Ratchet processes 
 one machine share that one embedded server.
 """
 
+import asyncio
 import json
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from psycopg_pool import AsyncConnectionPool
+import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from ratchet.errors import DatabaseError
 from ratchet.processes import pid_alive
@@ -68,8 +71,17 @@ def prune_dead_holders(pgdata: Path) -> None:
         holders.write_text(json.dumps(alive))
 
 
-def make_pool(conninfo: str, max_size: int = 10) -> AsyncConnectionPool:
-    """A pool to open in the app's lifespan (`await pool.open(); await pool.wait()`)."""
+def make_pool(
+    conninfo: str,
+    max_size: int = 10,
+    *,
+    acquire_timeout: float = 30.0,
+    connect_timeout: int = 10,
+) -> AsyncConnectionPool:
+    """A pool to open in the app's lifespan (`await pool.open(); await pool.wait()`).
+
+    `acquire_timeout` bounds the wait for a connection, `connect_timeout` each new
+    connection's handshake: with the database down, a caller learns it in seconds."""
     return AsyncConnectionPool(
         conninfo,
         min_size=1,
@@ -77,4 +89,66 @@ def make_pool(conninfo: str, max_size: int = 10) -> AsyncConnectionPool:
         open=False,
         check=AsyncConnectionPool.check_connection,
         name="ratchet",
+        timeout=acquire_timeout,
+        kwargs={"connect_timeout": connect_timeout},
     )
+
+
+def unavailable(exc: BaseException) -> bool:
+    """True for errors that mean "the database cannot be reached now", as opposed to a
+    query the database refused (a constraint, a syntax error)."""
+    return isinstance(
+        exc, psycopg.OperationalError | psycopg.InterfaceError | PoolTimeout | PoolClosed
+    )
+
+
+class DatabaseWatch:
+    """Whether the database answered lately. Once a call finds it down, callers stop
+    waiting on it (they use their caches or the spool) and a probe checks every
+    `interval` seconds until it answers again."""
+
+    def __init__(self, pool: AsyncConnectionPool, interval: float = 1.0) -> None:
+        self.pool = pool
+        self.interval = interval
+        self.up = True
+        self.down_since: float | None = None
+        self._back = asyncio.Event()
+        self._back.set()
+        self._probe: asyncio.Task[None] | None = None
+
+    def failed(self, exc: BaseException) -> None:
+        if self.up:
+            log.error("database unavailable: %s", exc)
+            self.up, self.down_since = False, time.monotonic()
+            self._back.clear()
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._wait_back())
+
+    async def wait_up(self) -> None:
+        await self._back.wait()
+
+    async def check(self, timeout: float = 2.0) -> bool:
+        """One round trip now; updates the state either way."""
+        try:
+            async with self.pool.connection(timeout=timeout) as conn:
+                await conn.execute("SELECT 1")
+        except Exception as exc:
+            if unavailable(exc):
+                self.failed(exc)
+                return False
+            raise
+        if not self.up:
+            log.warning("database is back after %.0f s", time.monotonic() - (self.down_since or 0))
+        self.up, self.down_since = True, None
+        self._back.set()
+        return True
+
+    async def _wait_back(self) -> None:
+        while not self.up:
+            await asyncio.sleep(self.interval)
+            await self.check(timeout=self.interval)
+
+    async def aclose(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)

@@ -3,7 +3,10 @@
 RatchetError
  ├── ConfigError        settings that cannot work (missing model, bad path)
  ├── DatabaseError      the database could not be reached or migrated
- └── ModelError         the base model could not be prepared or hashed
+ ├── ModelError         the base model could not be prepared or hashed
+ ├── Busy               one-at-a-time work (a training, an adapter's evaluation) is
+ │                      already queued or running
+ └── EngineError        a call to a vLLM engine failed (see ratchet.engine)
 """
 
 
@@ -21,3 +24,7 @@ class DatabaseError(RatchetError):
 
 class ModelError(RatchetError):
     """The base model could not be prepared, found or hashed."""
+
+
+class Busy(RatchetError):
+    """Work that runs one at a time is already queued or running."""

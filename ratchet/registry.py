@@ -27,6 +27,8 @@ AdapterStatus = Literal[
 ]
 # Statuses of an adapter still on its way to production; the newest is "candidate".
 CANDIDATE_STATUSES = ("candidate", "evaluating", "passed", "awaiting_review")
+# Written beside every trained adapter: where it came from (see trainer/artifacts.py).
+TRAINING_CARD = "training-card.json"
 _COLUMNS = "id, sha256, engine_name, path, base_model_sha256, status, source, created_at"
 
 

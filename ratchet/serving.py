@@ -1,9 +1,13 @@
 """`ratchet serve`: database, migrations, engine supervisor and gateway in one process."""
 
+import asyncio
 import logging
 import os
 import signal
+import socket
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 import psycopg
 import uvicorn
@@ -17,8 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def run_gateway(settings: Settings) -> None:
-    from feedback.migrate import migrate
-    from serve.app import create_app
+    from ratchet.migrate import migrate
+    from serve.app import begin_shutdown, create_app
     from serve.supervisor import EngineSupervisor
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per engine call otherwise
@@ -43,14 +47,36 @@ def run_gateway(settings: Settings) -> None:
         # uvicorn re-raises the signal that stopped it once it has shut down; with the
         # default SIGTERM handler that would kill us before the embedded DB is stopped.
         signal.signal(signal.SIGTERM, _exit_cleanly)
-        uvicorn.run(
+        config = uvicorn.Config(
             app,
             host=settings.host,
             port=settings.port,
             access_log=False,
             log_level=settings.log_level,
-            timeout_graceful_shutdown=10,
+            # Ours cuts streams cleanly at shutdown_grace_s; uvicorn's is the backstop.
+            timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 10,
         )
+        GracefulServer(config, lambda: begin_shutdown(app)).run()
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, telling the app the moment a shutdown signal arrives, so that
+    /readyz says so at once and the grace period starts."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_exit = on_exit
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit and self.loop is not None:
+            # A signal handler may not touch the loop directly.
+            self.loop.call_soon_threadsafe(self.on_exit)
+        super().handle_exit(sig, frame)
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:

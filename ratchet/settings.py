@@ -21,8 +21,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from eval.config import EvalSettings
-from feedback.pairs.config import PairSettings
+from ratchet.config import EvalSettings, PairSettings
+from ratchet.engine import EngineTimeouts
 
 DEFAULT_BASE_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -55,6 +55,43 @@ class Settings(BaseSettings):
         default=1.0, ge=0, description="How long the production/candidate mapping is cached."
     )
     db_pool_max: int = Field(default=10, ge=1)
+    db_acquire_timeout_s: float = Field(
+        default=2.0, gt=0, description="Longest wait for a pooled connection; then it is down."
+    )
+    db_connect_timeout_s: int = Field(default=3, ge=1, description="One connection attempt.")
+    db_probe_interval_s: float = Field(
+        default=1.0, gt=0, description="While the database is down, how often it is tried."
+    )
+    db_outage_grace_s: float = Field(
+        default=900.0,
+        ge=0,
+        description="While the database is down, keys and the production mapping this "
+        "gateway checked within this many seconds stay usable from its cache.",
+    )
+    spool_enabled: bool = Field(
+        default=True,
+        description="Keep answers and votes in a durable local spool while the database is "
+        "down. Off: such requests get 503.",
+    )
+    spool_dir: Path | None = Field(
+        default=None, description="Where the spool lives. Unset: <data_dir>/spool."
+    )
+    spool_max_bytes: int = Field(
+        default=256 << 20, ge=1024, description="Spool size limit; past it, 503 + Retry-After."
+    )
+    promotion_lock_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How long a promotion, rollback or review waits for another one's switch.",
+    )
+    shutdown_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="On SIGTERM, how long requests in flight may finish before they are cut.",
+    )
+    gateway_heartbeat_s: float = Field(
+        default=5.0, gt=0, description="A gateway's heartbeat; silent 6 beats, it is gone."
+    )
 
     engine_url: str | None = Field(
         default=None, description="URL of a running vLLM server. Unset: `serve` starts one."
@@ -71,6 +108,21 @@ class Settings(BaseSettings):
     )
     engine_check_interval_s: float = Field(
         default=2.0, gt=0, description="How often each replica's health and adapters are checked."
+    )
+    engine_connect_timeout_s: float = Field(
+        default=5.0, gt=0, description="Connecting to an engine; a replica slower is down."
+    )
+    engine_chunk_timeout_s: float = Field(
+        default=60.0, gt=0, description="Longest silence between two chunks of a stream."
+    )
+    engine_timeout_s: float = Field(
+        default=600.0, gt=0, description="Longest whole generation (non-streamed or streamed)."
+    )
+    engine_admin_timeout_s: float = Field(
+        default=30.0, gt=0, description="Listing models, loading an adapter, a smoke test."
+    )
+    engine_health_timeout_s: float = Field(
+        default=2.0, gt=0, description="One /health check; two misses take a replica out."
     )
     engine_host: str = "127.0.0.1"
     engine_port: int = Field(default=8100, ge=1, le=65535)
@@ -173,6 +225,20 @@ class Settings(BaseSettings):
     def engine_base_url(self) -> str:
         """One engine, for a job that needs just one (the evaluator's greedy diff)."""
         return self.engine_base_urls[0]
+
+    @property
+    def engine_timeouts(self) -> EngineTimeouts:
+        return EngineTimeouts(
+            connect=self.engine_connect_timeout_s,
+            chunk=self.engine_chunk_timeout_s,
+            total=self.engine_timeout_s,
+            admin=self.engine_admin_timeout_s,
+            health=self.engine_health_timeout_s,
+        )
+
+    @property
+    def spool_path(self) -> Path:
+        return self.spool_dir or self.data_dir / "spool"
 
     @property
     def eval_dir(self) -> Path:

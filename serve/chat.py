@@ -1,64 +1,61 @@
 """Chat completions through the engine, each answer logged before its id is returned.
 
-Non-streamed answers are logged in one INSERT after the engine answers. Streamed
-answers are inserted as 'streaming' before the first chunk (which carries the id)
-is sent, and completed before `[DONE]` is sent, so a client that saw `[DONE]` can
-vote on the answer at once. A client that leaves early leaves an 'aborted' row.
+Non-streamed answers are logged in one write after the engine answers. Streamed
+answers are logged as 'streaming' before the first chunk (which carries the id) is
+sent, and completed before `[DONE]` is sent, so a client that saw `[DONE]` can vote
+on the answer at once. Writes go through the answer log: to Postgres, or to the
+durable spool while it is down. See `serve.streams` for how a stream ends early.
 """
 
 import asyncio
-import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
-from typing import Any
-
-from psycopg_pool import AsyncConnectionPool
+from typing import Any, TypeVar
 
 from feedback import completions
 from feedback.completions import CompletionRecord
+from feedback.log import AnswerLog
+from ratchet.engine import EngineClient
 from ratchet.keys import ApiKey
-from serve.engine import EngineClient
-from serve.errors import InvalidRequest
+from ratchet.replicas import EngineSet
+from serve.errors import InvalidRequest, Unavailable
 from serve.ids import COMPLETION_ID
 from serve.metrics import Metrics
 from serve.protocol import ChatCompletionRequest
-from serve.replicas import EngineSet
 from serve.routing import ModelRouter, Target
+from serve.streams import Relay, StreamState
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 _NOT_PARAMS = {"model", "messages", "stream", "stream_options", "user"}
-
-
-@dataclass
-class _Stream:
-    """What a streamed answer has said so far."""
-
-    text: list[str] = field(default_factory=list)
-    finish_reason: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    failed: bool = False  # the engine sent an error chunk: the answer is not whole
 
 
 class ChatService:
     def __init__(
         self,
         *,
-        pool: AsyncConnectionPool,
+        answers: AnswerLog,
         engines: EngineSet,
         router: ModelRouter,
         metrics: Metrics,
         max_tokens_cap: int,
         base_model_sha256: str | None,
+        gateway_id: uuid.UUID | None = None,
+        total_timeout: float = 600.0,
     ) -> None:
-        self.pool = pool
+        self.answers = answers
         self.engines = engines
         self.router = router
         self.metrics = metrics
         self.max_tokens_cap = max_tokens_cap
         self.base_model_sha256 = base_model_sha256
+        self.gateway_id = gateway_id
+        self.total_timeout = total_timeout
+        self.streams: dict[uuid.UUID, Relay] = {}
+        self.cutting = asyncio.Event()  # set when the shutdown grace period is over
         self._background: set[asyncio.Future[None]] = set()
 
     def check(self, request: ChatCompletionRequest) -> None:
@@ -78,8 +75,8 @@ class ChatService:
         """Ask the engine for one answer; return the client response and its log row."""
         uid, started = uuid.uuid4(), time.perf_counter()
         body = self._engine_body(request, target)
-        response, engine_url = await self.engines.call(
-            target.adapter, lambda engine: engine.chat(body, uid.hex)
+        response, engine_url = await self._until_cut(
+            self.engines.call(target.adapter, lambda engine: engine.chat(body, uid.hex))
         )
         latency = time.perf_counter() - started
         response["id"], response["model"] = COMPLETION_ID.format(uid), request.model
@@ -104,81 +101,94 @@ class ChatService:
         self, request: ChatCompletionRequest, target: Target, key: ApiKey
     ) -> dict[str, Any]:
         response, record = await self.generate(request, target, key)
-        async with self.pool.connection() as conn:
-            await completions.insert(conn, record)
+        await self.answers.completion(record)
         return response
 
     async def open_stream(
         self, request: ChatCompletionRequest, target: Target, key: ApiKey
     ) -> AsyncIterator[bytes]:
         """Start a streamed answer; engine errors raise here, before any byte is sent."""
-        uid, started = uuid.uuid4(), time.perf_counter()
+        uid = uuid.uuid4()
         body = self._engine_body(request, target)
 
         async def open_upstream(
             engine: EngineClient,
-        ) -> tuple[AbstractAsyncContextManager[Any], Any]:
+        ) -> tuple[AbstractAsyncContextManager[AsyncIterator[str]], AsyncIterator[str]]:
             context = engine.stream_chat(body, uid.hex)
             return context, await context.__aenter__()
 
-        (upstream, response), engine_url = await self.engines.call(target.adapter, open_upstream)
-        try:
-            record = self._record(request, target, key, uid, stream=True)
-            async with self.pool.connection() as conn:
-                await completions.insert(conn, record.model_copy(update={"engine_url": engine_url}))
-        except BaseException:
-            await upstream.__aexit__(None, None, None)
-            raise
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        model_fix = (
-            f'"model":"{target.engine_model}"'.encode(),
-            f'"model":"{request.model}"'.encode(),
+        (upstream, lines), engine_url = await self._until_cut(
+            self.engines.call(target.adapter, open_upstream)
         )
 
-        async def relay() -> AsyncIterator[bytes]:
-            state, done = _Stream(), False
-            try:
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    payload = line[6:]
-                    if payload == "[DONE]":
-                        status = "aborted" if state.failed else "complete"
-                        await self._finish(uid, request, state, started, status)
-                        done = True
-                        yield b"data: [DONE]\n\n"
-                        continue
-                    chunk = json.loads(payload)
-                    if _absorb(state, chunk) and not include_usage:
-                        continue  # the usage-only chunk we asked for on our own account
-                    yield b"data: " + payload.encode().replace(*model_fix) + b"\n\n"
-            finally:
-                await upstream.__aexit__(None, None, None)
-                if not done:  # client gone or engine failed: keep what was said
-                    self._spawn(self._finish(uid, request, state, started, "aborted"))
+        async def close_upstream() -> None:
+            await upstream.__aexit__(None, None, None)
 
-        return relay()
+        try:
+            record = self._record(request, target, key, uid, stream=True)
+            await self.answers.completion(record.model_copy(update={"engine_url": engine_url}))
+        except BaseException:
+            await close_upstream()
+            raise
+        relay = Relay(
+            lines,
+            close_upstream,
+            total_timeout=self.total_timeout,
+            public_model=request.model,
+            engine_model=target.engine_model,
+            include_usage=bool(request.stream_options and request.stream_options.include_usage),
+            finish=lambda state, status: self._finish(uid, request, state, status),
+            spawn=self._spawn,
+        )
+        if self.cutting.is_set():
+            relay.cut("server_shutting_down")
+        self.streams[uid] = relay
+        return self._tracked(uid, relay)
+
+    async def _tracked(self, uid: uuid.UUID, relay: Relay) -> AsyncIterator[bytes]:
+        events = relay.events()
+        try:
+            async for event in events:
+                yield event
+        finally:
+            self.streams.pop(uid, None)
+            # Leaving a loop does not close the generator it read: close it now, so
+            # that a client that left gets its row written at once, not at GC.
+            await events.aclose()
+
+    def cut_all(self) -> None:
+        """End the shutdown grace period: streams end with an error event, and answers
+        still being generated get 503, so that the gateway can stop."""
+        self.cutting.set()
+        for relay in list(self.streams.values()):
+            relay.cut("server_shutting_down")
+
+    async def _until_cut(self, work: Awaitable[T]) -> T:
+        if self.cutting.is_set():
+            raise _shutting_down()
+        task = asyncio.ensure_future(work)
+        waiter = asyncio.ensure_future(self.cutting.wait())
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise _shutting_down()
 
     async def _finish(
-        self,
-        uid: uuid.UUID,
-        request: ChatCompletionRequest,
-        state: _Stream,
-        started: float,
-        status: str,
+        self, uid: uuid.UUID, request: ChatCompletionRequest, state: StreamState, status: str
     ) -> None:
-        latency = time.perf_counter() - started
-        async with self.pool.connection() as conn:
-            await completions.finish(
-                conn,
-                uid,
-                status=status,  # type: ignore[arg-type]
-                output="".join(state.text),
-                finish_reason=state.finish_reason,
-                prompt_tokens=state.prompt_tokens,
-                completion_tokens=state.completion_tokens,
-                latency_ms=latency * 1000,
-            )
+        latency = time.perf_counter() - state.started
+        await self.answers.finish(
+            uid,
+            status=status,  # type: ignore[arg-type]
+            output="".join(state.text),
+            finish_reason=state.finish_reason,
+            prompt_tokens=state.prompt_tokens,
+            completion_tokens=state.completion_tokens,
+            latency_ms=latency * 1000,
+        )
         if status == "complete":
             self.metrics.completion(
                 request.model, True, latency, state.prompt_tokens, state.completion_tokens
@@ -224,6 +234,7 @@ class ChatService:
             prompt_sha256=completions.prompt_sha256(messages),
             stream=stream,
             status="streaming" if stream else "complete",
+            gateway_id=self.gateway_id,
         )
 
     async def drain(self) -> None:
@@ -237,19 +248,7 @@ class ChatService:
         task.add_done_callback(self._background.discard)
 
 
-def _absorb(state: _Stream, chunk: dict[str, Any]) -> bool:
-    """Fold a chunk into the state; True when it is a usage-only chunk."""
-    if chunk.get("error"):
-        state.failed = True
-    usage = chunk.get("usage")
-    if usage:
-        state.prompt_tokens = usage.get("prompt_tokens")
-        state.completion_tokens = usage.get("completion_tokens")
-    choices = chunk.get("choices") or []
-    for choice in choices:
-        delta = choice.get("delta") or {}
-        if delta.get("content"):
-            state.text.append(delta["content"])
-        if choice.get("finish_reason"):
-            state.finish_reason = choice["finish_reason"]
-    return bool(usage) and not choices
+def _shutting_down() -> Unavailable:
+    return Unavailable(
+        "The server is shutting down; please retry.", code="server_shutting_down", retry_after=1
+    )

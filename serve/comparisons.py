@@ -9,9 +9,6 @@ import asyncio
 import random
 import uuid
 
-from psycopg_pool import AsyncConnectionPool
-
-from feedback import comparisons, completions
 from ratchet.keys import ApiKey
 from serve.chat import ChatService
 from serve.ids import COMPARISON_ID
@@ -27,12 +24,10 @@ from serve.routing import ModelRouter
 class ComparisonService:
     def __init__(
         self,
-        pool: AsyncConnectionPool,
         chat: ChatService,
         router: ModelRouter,
         rng: random.Random | None = None,
     ) -> None:
-        self.pool = pool
         self.chat = chat
         self.router = router
         self.rng = rng or random.SystemRandom()
@@ -51,20 +46,10 @@ class ComparisonService:
         self.rng.shuffle(results)
         (resp_a, rec_a), (resp_b, rec_b) = results
         uid = uuid.uuid4()
-        # One transaction: both answers and the comparison exist together or not at all.
-        async with self.pool.connection() as conn, conn.transaction():
-            await completions.insert(conn, rec_a)
-            await completions.insert(conn, rec_b)
-            await comparisons.create(
-                conn,
-                comparison_id=uid,
-                key_id=key.id,
-                end_user=request.user,
-                messages=rec_a.messages,
-                params=rec_a.params,
-                completion_a=rec_a.id,
-                completion_b=rec_b.id,
-            )
+        # One write: both answers and the comparison exist together or not at all.
+        await self.chat.answers.comparison(
+            rec_a, rec_b, comparison_id=uid, key_id=key.id, end_user=request.user
+        )
         return ComparisonResponse(
             id=COMPARISON_ID.format(uid), a=_answer(resp_a), b=_answer(resp_b)
         )

@@ -7,13 +7,16 @@ from fastapi import Depends, Header, Request
 from procrastinate import App as JobApp
 from psycopg_pool import AsyncConnectionPool
 
+from feedback.log import AnswerLog
+from ratchet.db import DatabaseWatch
 from ratchet.keys import ApiKey, Role
+from ratchet.replicas import EngineSet
 from ratchet.settings import Settings
 from serve.auth import Authenticator, check_role
 from serve.chat import ChatService
 from serve.comparisons import ComparisonService
+from serve.lifecycle import Housekeeping, Shutdown
 from serve.metrics import Metrics
-from serve.replicas import EngineSet
 from serve.routing import ModelRouter
 from serve.supervisor import EngineSupervisor
 
@@ -25,17 +28,21 @@ class Services:
     settings: Settings
     conninfo: str
     pool: AsyncConnectionPool
+    watch: DatabaseWatch
     # Every engine replica: requests are spread over them, a promotion loads and
     # smoke-tests the adapter on each.
     engines: EngineSet
     router: ModelRouter
     auth: Authenticator
     metrics: Metrics
+    answers: AnswerLog
     chat: ChatService
     comparisons: ComparisonService
     supervisor: EngineSupervisor | None
     base_model_sha256: str | None
     jobs: JobApp
+    housekeeping: Housekeeping
+    shutdown: Shutdown
 
 
 def get_services(request: Request) -> Services:

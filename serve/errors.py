@@ -7,16 +7,29 @@ APIError                      {"error": {"message", "type", "param", "code"}}
  ├── NotFound            404  unknown model, completion or comparison
  ├── Conflict            409  a decision that contradicts an earlier one
  ├── PayloadTooLarge     413  the body is over the configured limit
- ├── EngineError         5xx/4xx passed through from vLLM, body kept
- └── EngineUnavailable   503  the engine is starting, restarting or unreachable
+ ├── EnginePassthrough   4xx/5xx passed through from vLLM, body kept
+ └── Unavailable         503  engines, database or job queue cannot take it now (Retry-After)
+      └── GatewayTimeout 504  the engine did not answer in time (Retry-After)
+
+Errors from the core are mapped here too (`ratchet.engine.EngineError`, the answer
+log's StorageUnavailable, a database that is down), and anything unexpected becomes a
+500 in the same body: a client never gets a plain-text error.
 """
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from psycopg import OperationalError
+from psycopg_pool import PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from feedback.errors import StorageUnavailable
+from ratchet.engine import EngineError, EngineRejected, EngineTimeout
+
+log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -77,29 +90,56 @@ class PayloadTooLarge(APIError):
     type = "invalid_request_error"
 
 
-class EngineUnavailable(APIError):
-    """The engine cannot take requests now; retry after a few seconds."""
+class Unavailable(APIError):
+    """A dependency (the engines, the database, the job queue) cannot take the request
+    now; retry after a few seconds."""
 
     status_code = 503
     type = "service_unavailable"
 
-    def __init__(self, message: str, *, retry_after: int = 5) -> None:
-        super().__init__(message, code="engine_unavailable")
+    def __init__(self, message: str, *, code: str, retry_after: int = 5) -> None:
+        super().__init__(message, code=code)
         self.retry_after = retry_after
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}
 
 
-class EngineError(APIError):
+class GatewayTimeout(Unavailable):
+    """The engine accepted the request but did not answer within its timeout."""
+
+    status_code = 504
+    type = "timeout_error"
+
+
+class EnginePassthrough(APIError):
     """vLLM refused or failed the request; its status and message are passed on."""
 
-    def __init__(self, status_code: int, body: dict[str, Any]) -> None:
-        inner = body.get("error", body) if isinstance(body, dict) else {}
-        message = str(inner.get("message") or body)
-        super().__init__(message, param=inner.get("param"), code=inner.get("code"))
-        self.status_code = status_code
-        self.type = str(inner.get("type") or "engine_error")
+    def __init__(self, exc: EngineRejected) -> None:
+        super().__init__(exc.message, param=exc.param, code=exc.code)
+        self.status_code = exc.status_code
+        self.type = exc.type
+
+
+def from_engine(exc: EngineError) -> APIError:
+    """The client's view of an engine failure. Replica URLs stay in the logs."""
+    if isinstance(exc, EngineTimeout):
+        return GatewayTimeout(
+            "The model did not answer in time; please retry.", code="engine_timeout"
+        )
+    if isinstance(exc, EngineRejected):
+        return EnginePassthrough(exc)
+    return Unavailable(
+        "No model replica can take the request right now; please retry.",
+        code="engine_unavailable",
+    )
+
+
+def database_unavailable() -> Unavailable:
+    return Unavailable(
+        "The database is unavailable and this request needs it; please retry.",
+        code="database_unavailable",
+    )
 
 
 def error_body(
@@ -146,6 +186,27 @@ def install(app: FastAPI) -> None:
         error.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return error_response(error)
 
+    async def on_engine(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, EngineError)
+        log.warning("engine call failed: %s", exc)
+        return error_response(from_engine(exc))
+
+    async def on_storage(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable: %s", exc)
+        if isinstance(exc, StorageUnavailable):
+            return error_response(
+                Unavailable(exc.message, code=exc.code, retry_after=exc.retry_after)
+            )
+        return error_response(database_unavailable())
+
+    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Starlette still logs the traceback; the client gets the OpenAI body.
+        return error_response(APIError("The server failed to handle this request."))
+
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(EngineError, on_engine)
+    for kind in (StorageUnavailable, OperationalError, PoolTimeout):
+        app.add_exception_handler(kind, on_storage)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,6 +1,13 @@
 """Prometheus metrics, one registry per app so that several apps can share a process."""
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from feedback.log import AnswerLog
+from ratchet.db import DatabaseWatch
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -53,6 +60,17 @@ class Metrics:
             registry=self.registry,
         )
 
+    def watch(self, answers: AnswerLog, database: DatabaseWatch) -> None:
+        """Report the database's state and the spool's, read at each scrape."""
+        self.registry.register(_StorageCollector(answers, database))
+
+    # ratchet.replicas.ReplicaEvents
+    def replica_ready(self, url: str, ready: bool) -> None:
+        self.engine_ready.labels(url).set(1 if ready else 0)
+
+    def adapter_loaded(self, url: str, reason: str) -> None:
+        self.adapter_loads.labels(url, reason).inc()
+
     def completion(
         self, model: str, stream: bool, seconds: float, prompt: int | None, completion: int | None
     ) -> None:
@@ -61,3 +79,32 @@ class Metrics:
             self.tokens.labels(model, "prompt").inc(prompt)
         if completion:
             self.tokens.labels(model, "completion").inc(completion)
+
+
+class _StorageCollector(Collector):
+    def __init__(self, answers: AnswerLog, database: DatabaseWatch) -> None:
+        self.answers = answers
+        self.database = database
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        spool = self.answers.spool
+        yield GaugeMetricFamily(
+            "ratchet_database_up",
+            "1 while the gateway reaches Postgres, 0 while it serves from its caches and spool.",
+            value=1 if self.database.up else 0,
+        )
+        yield GaugeMetricFamily(
+            "ratchet_spool_entries",
+            "Writes in the spool waiting for the database (answers, votes, comparisons).",
+            value=spool.depth if spool else 0,
+        )
+        yield GaugeMetricFamily(
+            "ratchet_spool_bytes", "Size of the spool file.", value=spool.bytes if spool else 0
+        )
+        stats = self.answers.stats
+        for name, value, help_text in (
+            ("replayed", stats.replayed, "Spooled writes copied into the database."),
+            ("dead", stats.dead, "Spooled writes the database refused (kept in dead.jsonl)."),
+            ("refused", stats.refused, "Writes refused with 503: spool full or disabled."),
+        ):
+            yield CounterMetricFamily(f"ratchet_spool_{name}", help_text, value=value)

@@ -1,8 +1,9 @@
 """From a public model name (`base`, `production`, `candidate`) to what the engine runs.
 
 The mapping is read from the registry and cached for `registry_cache_seconds`, so
-the hot path does not query Postgres on every request. Loading adapters into the
-engines is `serve.replicas`' work: the router only says which ones are wanted.
+the hot path does not query Postgres on every request. While the database is down,
+the last mapping read stays in use for up to `outage_grace_s`. Loading adapters into
+the engines is `ratchet.replicas`' work: the router only says which ones are wanted.
 """
 
 import time
@@ -10,10 +11,13 @@ from dataclasses import dataclass
 
 from psycopg_pool import AsyncConnectionPool
 
+from feedback.errors import StorageUnavailable
 from ratchet import registry
+from ratchet.db import DatabaseWatch, unavailable
+from ratchet.engine import EngineUnavailable
 from ratchet.registry import Adapter
-from serve.errors import EngineUnavailable, NotFound
-from serve.replicas import EngineSet
+from ratchet.replicas import EngineSet
+from serve.errors import NotFound
 
 PUBLIC_MODELS = ("base", "production", "candidate")
 
@@ -28,13 +32,23 @@ class Target:
 
 
 class ModelRouter:
-    def __init__(self, pool: AsyncConnectionPool, engines: EngineSet, ttl: float) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        engines: EngineSet,
+        ttl: float,
+        watch: DatabaseWatch | None = None,
+        outage_grace_s: float = 0.0,
+    ) -> None:
         self.pool = pool
         self.engines = engines
         self.ttl = ttl
+        self.watch = watch
+        self.outage_grace_s = outage_grace_s
         self._base: str | None = None
         self._adapters: dict[str, Adapter | None] = {}
         self._expires = 0.0
+        self._read_at: float | None = None
 
     def invalidate(self) -> None:
         self._expires = 0.0
@@ -84,10 +98,32 @@ class ModelRouter:
             # The engine's base name is re-read as often: an engine redeployed under
             # another name must not leave `base` answering 404 until we restart.
             self._base = None
+            try:
+                await self._read()
+            except Exception as exc:
+                if not unavailable(exc) and not isinstance(exc, StorageUnavailable):
+                    raise
+                if self._read_at is None or now - self._read_at > self.outage_grace_s:
+                    raise StorageUnavailable(
+                        "The database is unavailable and this gateway has no recent copy of "
+                        "which model is production; please retry.",
+                        code="database_unavailable",
+                    ) from exc
+                self._expires = now + min(self.ttl, 1.0)  # try again soon, not per request
+                return self._adapters
+            self._expires, self._read_at = now + self.ttl, now
+        return self._adapters
+
+    async def _read(self) -> None:
+        if self.watch is not None and not self.watch.up:
+            raise StorageUnavailable("database down")
+        try:
             async with self.pool.connection() as conn:
                 self._adapters = {
                     "production": await registry.production(conn),
                     "candidate": await registry.candidate(conn),
                 }
-            self._expires = now + self.ttl
-        return self._adapters
+        except Exception as exc:
+            if self.watch is not None and unavailable(exc):
+                self.watch.failed(exc)
+            raise

@@ -13,8 +13,8 @@ import signal
 import sys
 from pathlib import Path
 
+from ratchet.engine import EngineClient
 from ratchet.settings import Settings
-from serve.engine import EngineClient
 
 log = logging.getLogger(__name__)
 

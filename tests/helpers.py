@@ -153,7 +153,7 @@ def register_adapter(gateway: Gateway, ops_secret: str, path: Path) -> httpx.Res
 @contextmanager
 def fresh_database(server_url: str, prefix: str = "ratchet_test") -> Iterator[str]:
     """A new, migrated database on the server, dropped afterwards."""
-    from feedback.migrate import migrate
+    from ratchet.migrate import migrate
 
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(server_url, autocommit=True) as conn:

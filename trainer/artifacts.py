@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from ratchet.hashing import adapter_sha256
+from ratchet.registry import TRAINING_CARD as CARD
 from trainer.preflight import preflight
 
-CARD = "training-card.json"
 _LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate")
 
 

@@ -9,9 +9,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 from rich.table import Table
 
 from feedback.errors import FeedbackError
+from ratchet import runs
 from ratchet.cli_support import err, load_settings, migrated_database
-from trainer import runs
-from trainer.config import TrainConfig
+from ratchet.config import TrainConfig
+from ratchet.errors import Busy
 from trainer.errors import TrainerError
 
 
@@ -62,7 +63,7 @@ def train(
                 snapshot,
                 lambda step, total: bar.update(task, completed=step, total=total),
             )
-        except (TrainerError, FeedbackError) as exc:  # TrainingBusy included
+        except (TrainerError, FeedbackError, Busy) as exc:
             err.print(f"[red]{exc}[/red]")
             raise typer.Exit(1) from exc
     typer.echo(f"run {run.id} {run.status}: {run.step} steps on snapshot {run.snapshot_id}")
@@ -91,30 +92,3 @@ def list_runs() -> None:
             r.error or r.reason or "",
         )
     Console().print(table)
-
-
-def worker(
-    once: Annotated[bool, typer.Option(help="Run what is queued, then exit.")] = False,
-) -> None:
-    """Run training jobs from the Postgres queue (and the nightly schedule)."""
-    import asyncio
-
-    from trainer.jobs import make_app, release_stalled
-    from trainer.queue import QUEUE
-    from trainer.run import recover
-
-    settings = load_settings()
-    with migrated_database(settings) as url:
-        failed = recover(settings, url)
-        if failed:
-            err.print(f"marked abandoned runs failed: {failed}")
-        app = make_app(settings, url)
-
-        async def work() -> None:
-            async with app.open_async():
-                released = await release_stalled(app, settings.run_stale_after_s)
-                if released:
-                    err.print(f"released {released} stalled jobs")
-                await app.run_worker_async(queues=[QUEUE], wait=not once)
-
-        asyncio.run(work())

@@ -1,73 +1,22 @@
-"""Training as jobs on Postgres (procrastinate): queued runs, and the nightly one.
+"""Training as jobs: a queued run, and the nightly one (`ratchet.worker` runs them).
 
-Tasks are made per app (`make_app`) so that they close over the settings built at
-start-up; nothing is registered at import time. Any number of workers on any number
-of machines share the queue; the `runs` table's unique index, not a job lock, keeps
-it to one training at a time.
+The `runs` table's unique index, not a job lock, keeps it to one training at a time.
 """
 
 import logging
-import uuid
 from typing import Any
 
 import psycopg
-from procrastinate import App, Blueprint, PsycopgConnector
 
 from feedback.errors import FeedbackError, NotEnoughPairs
 from feedback.pairs import build as builder
+from ratchet import runs
+from ratchet.config import TrainConfig
 from ratchet.settings import Settings
-from trainer import runs
-from trainer.config import TrainConfig
 from trainer.errors import TrainerError
-from trainer.queue import QUEUE
 from trainer.run import recover, run_training
 
 log = logging.getLogger(__name__)
-
-
-def make_app(settings: Settings, conninfo: str) -> App:
-    blueprint = Blueprint()
-
-    @blueprint.task(name="train", queue=QUEUE)
-    def train(run_id: int) -> None:
-        execute_queued(settings, conninfo, run_id)
-
-    @blueprint.task(name="evaluate", queue=QUEUE)
-    async def evaluate(adapter_id: str, evaluation_id: int | None = None) -> None:
-        await run_evaluation(settings, conninfo, adapter_id, evaluation_id)
-
-    @blueprint.periodic(cron=settings.train_cron, periodic_id="nightly")
-    @blueprint.task(name="nightly", queue=QUEUE)
-    def nightly_job(timestamp: int) -> None:
-        nightly(settings, conninfo)
-
-    app = App(
-        connector=PsycopgConnector(conninfo=conninfo),
-        worker_defaults={"update_heartbeat_interval": 10, "stalled_worker_timeout": 30},
-    )
-    app.add_tasks_from(blueprint, namespace="ratchet")
-    return app
-
-
-async def run_evaluation(
-    settings: Settings, conninfo: str, adapter_id: str, evaluation_id: int | None
-) -> None:
-    """The gate on one candidate; a new candidate's job comes without an evaluation row."""
-    from eval import store
-    from eval.errors import EvalError
-    from eval.run import evaluate
-
-    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
-        if evaluation_id is None:
-            try:
-                evaluation_id = (await store.create(conn, uuid.UUID(adapter_id), "training")).id
-            except store.EvaluationBusy as exc:
-                log.info("adapter %s: %s", adapter_id, exc)
-                return
-        try:
-            await evaluate(settings, conn, evaluation_id)
-        except EvalError as exc:  # recorded on the evaluation already
-            log.warning("evaluation %s failed: %s", evaluation_id, exc)
 
 
 def execute_queued(settings: Settings, conninfo: str, run_id: int) -> None:
@@ -115,12 +64,3 @@ def new_pairs(conninfo: str, snapshot_id: int) -> int:
             (snapshot_id,),
         ).fetchone()
     return int(row[0])
-
-
-async def release_stalled(app: App, stale_after_s: float) -> int:
-    """Jobs left `doing` by a killed worker would stay so forever: retry them (the task
-    then finds its run failed by recovery and does nothing). Returns how many."""
-    stalled = list(await app.job_manager.get_stalled_jobs(seconds_since_heartbeat=stale_after_s))
-    for job in stalled:
-        await app.job_manager.retry_job(job)
-    return len(stalled)

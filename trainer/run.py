@@ -11,6 +11,7 @@ import contextlib
 import logging
 import shutil
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,17 +20,16 @@ from typing import Any
 import psycopg
 from transformers import TrainerCallback
 
-from eval import store as evaluations
 from feedback.pairs import build as builder
 from feedback.pairs import snapshots
 from feedback.pairs.snapshots import Snapshot
-from ratchet import registry
+from ratchet import evaluations, jobs, registry, runs
+from ratchet.config import TrainConfig
+from ratchet.errors import Busy
 from ratchet.model import base_model_sha256
 from ratchet.settings import Settings
-from trainer import artifacts, runs
-from trainer.config import TrainConfig
+from trainer import artifacts
 from trainer.errors import NotEnoughData, TrainerError
-from trainer.queue import defer_evaluation
 from trainer.train import data_kind, train
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def _execute(
             run_id,
             status="succeeded",
             adapter_id=adapter.id,
-            reason=_queue_evaluation(conninfo, str(adapter.id)),
+            reason=_queue_evaluation(conninfo, adapter.id),
             finished=True,
         )
     finally:
@@ -171,13 +171,16 @@ def _execute(
     return finished
 
 
-def _queue_evaluation(conninfo: str, adapter_id: str) -> str:
+def _queue_evaluation(conninfo: str, adapter_id: uuid.UUID) -> str:
     """Queue the candidate's evaluation; the run's note says whether that worked."""
     try:
-        return f"awaiting evaluation (job {defer_evaluation(conninfo, adapter_id)})"
+        evaluation_id = asyncio.run(jobs.queue_evaluation(conninfo, adapter_id, "training"))
+    except Busy as exc:
+        return f"awaiting evaluation ({exc})"
     except Exception as exc:  # the adapter is registered either way; say what went wrong
         log.warning("could not queue the evaluation of %s: %s", adapter_id, exc)
         return f"awaiting evaluation (not queued: {exc})"
+    return f"awaiting evaluation {evaluation_id}"
 
 
 def recover(settings: Settings, conninfo: str) -> list[int]:

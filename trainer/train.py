@@ -13,7 +13,7 @@ from typing import Any
 
 from datasets import DatasetDict
 
-from trainer.config import TrainConfig
+from ratchet.config import TrainConfig
 from trainer.errors import InvalidTrainConfig
 
 COLUMNS = {

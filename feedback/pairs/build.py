@@ -21,8 +21,8 @@ from pydantic import BaseModel
 
 from feedback.errors import NotEnoughPairs
 from feedback.pairs import files, rules
-from feedback.pairs.config import PairSettings
 from feedback.pairs.snapshots import Snapshot, get
+from ratchet.config import PairSettings
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from psycopg import Connection
 
-from feedback.pairs.config import PairSettings
+from ratchet.config import PairSettings
 
 # Chosen text shorter than this many tokens is dropped. Corrections carry no token
 # count, so theirs is estimated at 4 characters a token.

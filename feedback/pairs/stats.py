@@ -7,7 +7,7 @@ import psycopg
 from pydantic import BaseModel
 
 from feedback.pairs.build import Counts, preview
-from feedback.pairs.config import PairSettings
+from ratchet.config import PairSettings
 
 
 class DatasetStats(BaseModel):

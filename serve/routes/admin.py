@@ -7,10 +7,10 @@ from typing import Any
 from fastapi import APIRouter
 
 from ratchet import registry
+from ratchet.engine import EngineClient, EngineRejected, EngineUnavailable
 from ratchet.registry import Adapter, AdapterError
 from serve.deps import OpsKey, Services, ServicesDep
-from serve.engine import EngineClient
-from serve.errors import Conflict, EngineError, EngineUnavailable, InvalidRequest
+from serve.errors import Conflict, InvalidRequest
 from serve.protocol import AdapterRegisterRequest
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
@@ -98,10 +98,10 @@ async def _register(source: Path, services: Services) -> Adapter:
 async def _load(engine: EngineClient, name: str, stored: Path) -> None:
     try:
         await engine.load_adapter(name, str(stored))
-    except EngineError as exc:
+    except EngineRejected as exc:
         if "already" not in exc.message:  # loaded by an earlier, failed attempt
             raise InvalidRequest(
-                f"the engine at {engine.base_url} refused the adapter: {exc.message}",
+                f"the engine refused the adapter: {exc.message}",
                 param="path",
                 code="invalid_adapter",
             ) from exc

@@ -1,6 +1,5 @@
 from fastapi import APIRouter
 
-from feedback import comparisons, votes
 from feedback.errors import AlreadyDecided, UnknownComparison, UnknownCompletion
 from serve.deps import ChatKey, ServicesDep
 from serve.errors import Conflict, NotFound
@@ -26,16 +25,14 @@ async def give_feedback(
     if uid is None:
         raise _unknown_completion(request.completion_id)
     try:
-        async with services.pool.connection() as conn:
-            vote = await votes.upsert(
-                conn,
-                completion_id=uid,
-                rating=1 if request.rating == "up" else -1,
-                end_user=request.user or "",
-                key_id=key.id,
-                comment=request.comment,
-                correction=request.correction,
-            )
+        vote = await services.answers.vote(
+            completion_id=uid,
+            rating=1 if request.rating == "up" else -1,
+            end_user=request.user or "",
+            key_id=key.id,
+            comment=request.comment,
+            correction=request.correction,
+        )
     except UnknownCompletion as exc:
         raise _unknown_completion(request.completion_id) from exc
     services.metrics.votes.labels(request.rating).inc()
@@ -45,7 +42,7 @@ async def give_feedback(
         user=request.user,
         comment=vote.comment,
         correction=vote.correction,
-        updated=vote.updated_at != vote.created_at,
+        updated=vote.updated,
     )
 
 
@@ -68,8 +65,7 @@ async def choose(
             f"No comparison with id {comparison!r}.", param="id", code="comparison_not_found"
         )
     try:
-        async with services.pool.connection() as conn:
-            decided = await comparisons.decide(conn, uid, request.choice, request.user or "")
+        decided = await services.answers.choice(uid, request.choice, request.user or "")
     except UnknownComparison as exc:
         raise NotFound(
             f"No comparison with id {comparison!r}.", param="id", code="comparison_not_found"
@@ -81,8 +77,7 @@ async def choose(
             code="already_decided",
         ) from exc
     services.metrics.choices.labels(request.choice).inc()
-    assert decided.choice is not None
-    return ChoiceResponse(id=COMPARISON_ID.format(decided.id), choice=decided.choice)
+    return ChoiceResponse(id=COMPARISON_ID.format(uid), choice=decided)
 
 
 def _unknown_completion(value: str) -> NotFound:

@@ -6,16 +6,15 @@ from typing import Any, TypeVar
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from eval import review as reviews
-from eval import store
-from eval.store import Evaluation, EvaluationBusy
-from ratchet import promotion, registry
+from ratchet import evaluations, promotion, registry
+from ratchet import review as reviews
+from ratchet.evaluations import Evaluation, EvaluationBusy
+from ratchet.jobs import defer_evaluation
 from ratchet.keys import ApiKey
 from ratchet.promotion import ProductionState, PromotionError
 from ratchet.registry import Adapter
 from serve.deps import OpsKey, ReviewerKey, Services, ServicesDep
-from serve.errors import APIError, Conflict, EngineUnavailable, NotFound
-from trainer.queue import EVALUATE_TASK, QUEUE
+from serve.errors import APIError, Conflict, NotFound, Unavailable
 
 router = APIRouter(prefix="/v1/admin", tags=["promotion gate"])
 T = TypeVar("T")
@@ -73,24 +72,34 @@ async def start_evaluation(
     """Queue an evaluation of an adapter against current production."""
     async with services.pool.connection() as conn:
         adapter = await _adapter(conn, request.adapter)
+    return _view(await queue_evaluation(services, adapter, actor(key)))
+
+
+async def queue_evaluation(services: Services, adapter: Adapter, requested_by: str) -> Evaluation:
+    """Commit the row first, then defer its job: a worker never looks for a row it
+    cannot see yet. If the job cannot be deferred, the row goes too."""
+    async with services.pool.connection() as conn:
         try:
-            evaluation = await store.create(conn, adapter.id, actor(key))
+            evaluation = await evaluations.create(conn, adapter.id, requested_by)
         except EvaluationBusy as exc:
             raise Conflict(str(exc), param="adapter", code="evaluation_in_progress") from exc
-        try:
-            await services.jobs.configure_task(EVALUATE_TASK, queue=QUEUE).defer_async(
-                adapter_id=str(adapter.id), evaluation_id=evaluation.id
+    try:
+        await defer_evaluation(services.jobs, evaluation.id, adapter.id)
+    except Exception as exc:  # no job, no evaluation row
+        async with services.pool.connection() as conn:
+            await conn.execute(
+                "DELETE FROM evaluations WHERE id = %s AND status = 'queued'", (evaluation.id,)
             )
-        except Exception as exc:  # no job, no evaluation row
-            await conn.execute("DELETE FROM evaluations WHERE id = %s", (evaluation.id,))
-            raise EngineUnavailable(f"the job queue is unavailable: {exc}") from exc
-    return _view(evaluation)
+        raise Unavailable(
+            "The job queue is unavailable; please retry.", code="queue_unavailable"
+        ) from exc
+    return evaluation
 
 
 @router.get("/evaluations")
 async def list_evaluations(_: ReviewerKey, services: ServicesDep) -> dict[str, Any]:
     async with services.pool.connection() as conn:
-        found = await store.list_recent(conn)
+        found = await evaluations.list_recent(conn)
     return {"object": "list", "data": [_view(e) for e in found]}
 
 
@@ -101,7 +110,7 @@ async def get_evaluation(
     """One evaluation with its full report (JSON) once it has finished."""
     async with services.pool.connection() as conn:
         evaluation = await _evaluation(conn, evaluation_id)
-    report = store.report_of(evaluation)
+    report = evaluations.report_of(evaluation)
     return _view(evaluation, report.model_dump(mode="json") if report else None)
 
 
@@ -134,16 +143,17 @@ async def promote(request: PromoteRequest, key: OpsKey, services: ServicesDep) -
     """Load, smoke-test and switch production to an adapter that passed the gate."""
     async with services.pool.connection() as conn:
         adapter = await _adapter(conn, request.adapter)
-        state = await _refusable(
-            promotion.promote(
-                conn,
-                services.engines.reachable(),
-                adapter,
-                actor(key),
-                force=request.force,
-                reason=request.reason,
-            )
+    state = await _refusable(
+        promotion.promote(
+            services.pool.connection,
+            services.engines.reachable(),
+            adapter,
+            actor(key),
+            force=request.force,
+            reason=request.reason,
+            lock_timeout_s=services.settings.promotion_lock_timeout_s,
         )
+    )
     services.router.invalidate()
     return state
 
@@ -153,12 +163,15 @@ async def rollback(
     key: OpsKey, services: ServicesDep, request: RollbackRequest | None = None
 ) -> ProductionState:
     """Switch production back to what it was before the current promotion."""
-    async with services.pool.connection() as conn:
-        state = await _refusable(
-            promotion.rollback(
-                conn, services.engines.reachable(), actor(key), request.reason if request else ""
-            )
+    state = await _refusable(
+        promotion.rollback(
+            services.pool.connection,
+            services.engines.reachable(),
+            actor(key),
+            request.reason if request else "",
+            lock_timeout_s=services.settings.promotion_lock_timeout_s,
         )
+    )
     services.router.invalidate()
     return state
 
@@ -166,12 +179,17 @@ async def rollback(
 async def decide(
     services: Services, evaluation_id: int, key: ApiKey, verdict: Any, note: str | None
 ) -> Evaluation:
-    async with services.pool.connection() as conn:
-        done = await _refusable(
-            reviews.review(
-                conn, services.engines.reachable(), evaluation_id, actor(key), verdict, note
-            )
+    done = await _refusable(
+        reviews.review(
+            services.pool.connection,
+            services.engines.reachable(),
+            evaluation_id,
+            actor(key),
+            verdict,
+            note,
+            lock_timeout_s=services.settings.promotion_lock_timeout_s,
         )
+    )
     services.router.invalidate()
     return done
 
@@ -199,7 +217,7 @@ async def _adapter(conn: Any, ref: str) -> Adapter:
 
 
 async def _evaluation(conn: Any, evaluation_id: int) -> Evaluation:
-    evaluation = await store.get(conn, evaluation_id)
+    evaluation = await evaluations.get(conn, evaluation_id)
     if evaluation is None:
         raise NotFound(
             f"No evaluation with id {evaluation_id}.",

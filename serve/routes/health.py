@@ -7,6 +7,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from serve.deps import ServicesDep
 
 router = APIRouter(tags=["operations"])
+# A probe waits this long for fresh replica checks; slower ones finish on their own.
+_RECHECK_WAIT_S = 3.0
+_ROOM_BYTES = 64 << 10  # the spool must have room for a few more answers
 
 
 @router.get("/healthz")
@@ -17,22 +20,39 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(services: ServicesDep) -> JSONResponse:
-    """Postgres answers and at least one engine replica is up with production and the
-    candidate loaded; 503 with details otherwise."""
-    database = await _database_ok(services)
+    """Ready when at least one engine replica is up with production and the candidate
+    loaded, and answers can be stored: in Postgres, or in the spool while it is down
+    (a gateway that can still serve stays in rotation). 503 with details otherwise,
+    and from the moment a shutdown begins."""
+    watch = services.watch
+    database = watch.up and await watch.check(timeout=services.settings.db_acquire_timeout_s)
     engines = services.engines
-    if database:
-        with contextlib.suppress(Exception):  # the loop retries; this check must answer
-            await engines.reconcile(await services.router.wanted())
+    with contextlib.suppress(Exception):  # each replica's own loop retries
+        await engines.reconcile(await services.router.wanted(), wait=_RECHECK_WAIT_S)
     replicas = {r.url: r.ready for r in engines.replicas.values()}
+    spool = services.answers.spool
+    accepting = database or (spool is not None and spool.room_for(_ROOM_BYTES))
     checks = {
         "database": database,
+        "storage": accepting,
         "engine": any(r.healthy for r in engines.replicas.values()),
         "adapters": any(replicas.values()),
+        "serving": not services.shutdown.draining,
     }
-    ready = all(checks.values())
+    ready = all(v for k, v in checks.items() if k != "database")
+    body = {
+        "status": "ready" if ready else ("draining" if services.shutdown.draining else "not_ready"),
+        "checks": checks,
+        "replicas": replicas,
+        "spool": {
+            "entries": spool.depth if spool else 0,
+            "bytes": spool.bytes if spool else 0,
+            "max_bytes": spool.max_bytes if spool else 0,
+            "replaying": services.answers.spooling,
+        },
+    }
     return JSONResponse(
-        {"status": "ready" if ready else "not_ready", "checks": checks, "replicas": replicas},
+        body,
         status_code=200 if ready else 503,
         headers=None if ready else {"Retry-After": "5"},
     )
@@ -42,12 +62,3 @@ async def readyz(services: ServicesDep) -> JSONResponse:
 async def metrics(services: ServicesDep) -> Response:
     """Prometheus text format."""
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-
-async def _database_ok(services: ServicesDep) -> bool:
-    try:
-        async with services.pool.connection(timeout=2.0) as conn:
-            await conn.execute("SELECT 1")
-    except Exception:
-        return False
-    return True

@@ -12,12 +12,13 @@ from fastapi import APIRouter, Cookie, Header, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment
 
-from eval import render, store
+from ratchet import evaluations, registry
 from ratchet.keys import ApiKey
+from serve import render
 from serve.auth import check_role
 from serve.deps import ServicesDep
 from serve.errors import APIError, Forbidden, Unauthorized
-from serve.routes.gate import decide
+from serve.routes.gate import actor, decide, queue_evaluation
 
 router = APIRouter(tags=["reports"])
 COOKIE = "ratchet_key"
@@ -36,10 +37,11 @@ async def report_page(
     if isinstance(key, Response):
         return key
     async with services.pool.connection() as conn:
-        evaluation = await store.get(conn, evaluation_id)
+        evaluation = await evaluations.get(conn, evaluation_id)
+        production = await registry.production(conn)
     if evaluation is None:
         return _page("Report not found", f"There is no evaluation {evaluation_id}.", 404)
-    report = store.report_of(evaluation)
+    report = evaluations.report_of(evaluation)
     if report is None:
         message = (
             f"Evaluation {evaluation_id} is {evaluation.status}"
@@ -54,7 +56,34 @@ async def report_page(
         "approved": "Approved: the adapter is production now.",
         "rejected": "Rejected: the adapter will not be promoted.",
     }.get(done or "")
-    return HTMLResponse(render.html(report, can_review=True, notice=notice))
+    stale = None
+    if evaluation.production_id != (production.id if production else None):
+        stale = production.engine_name if production else "base"
+    return HTMLResponse(render.html(report, can_review=True, notice=notice, stale=stale))
+
+
+@router.post("/reports/{evaluation_id}/reevaluate", response_model=None)
+async def reevaluate_form(
+    evaluation_id: int,
+    services: ServicesDep,
+    authorization: Annotated[str | None, Header()] = None,
+    ratchet_key: Annotated[str | None, Cookie()] = None,
+) -> Response:
+    """A report made against an older production: queue the same adapter's evaluation
+    against production as it is now, and go to the new report."""
+    key = await _reviewer(services, authorization, ratchet_key, f"/reports/{evaluation_id}")
+    if isinstance(key, Response):
+        return key
+    async with services.pool.connection() as conn:
+        evaluation = await evaluations.get(conn, evaluation_id)
+        adapter = await registry.get_by_id(conn, evaluation.adapter_id) if evaluation else None
+    if adapter is None:
+        return _page("Report not found", f"There is no evaluation {evaluation_id}.", 404)
+    try:
+        queued = await queue_evaluation(services, adapter, actor(key))
+    except APIError as exc:
+        return _page("Not done", exc.message, exc.status_code, back=f"/reports/{evaluation_id}")
+    return RedirectResponse(f"/reports/{queued.id}", status_code=303)
 
 
 @router.post("/reports/{evaluation_id}/{verdict}", response_model=None)

@@ -10,12 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from feedback.pairs import snapshots
 from feedback.pairs.build import preview
+from ratchet import runs
+from ratchet.config import TrainConfig
+from ratchet.jobs import defer_training
+from ratchet.runs import Run, TrainingBusy
 from serve.deps import OpsKey, Services, ServicesDep
-from serve.errors import Conflict, EngineUnavailable, InvalidRequest, NotFound
-from trainer import runs
-from trainer.config import TrainConfig
-from trainer.queue import QUEUE, TRAIN_TASK
-from trainer.runs import Run, TrainingBusy
+from serve.errors import Conflict, InvalidRequest, NotFound, Unavailable
 
 router = APIRouter(prefix="/v1/admin", tags=["training"])
 
@@ -71,12 +71,10 @@ async def retrain(request: RetrainRequest, _: OpsKey, services: ServicesDep) -> 
     except TrainingBusy as exc:
         raise Busy(exc.run_id) from exc
     try:
-        job_id = await services.jobs.configure_task(TRAIN_TASK, queue=QUEUE).defer_async(
-            run_id=run.id
-        )
+        job_id = await defer_training(services.jobs, run.id)
     except Exception as exc:  # no job, no run: leave nothing behind
         await asyncio.to_thread(runs.delete_queued, services.conninfo, run.id)
-        raise EngineUnavailable(f"the job queue is unavailable: {exc}") from exc
+        raise Unavailable(f"the job queue is unavailable: {exc}", code="queue_unavailable") from exc
     await asyncio.to_thread(runs.set_param, services.conninfo, run.id, "job_id", job_id)
     return await _view(services, run.id)
 

@@ -10,7 +10,7 @@ from eval import answers, gate, stats
 from eval.errors import PolicyError
 from eval.policy import Policy, load_policy
 from eval.preference import PairScore
-from eval.report import DiffSummary, FlagRate
+from ratchet.report import DiffSummary, FlagRate
 
 POLICY = Policy()
 
@@ -78,7 +78,7 @@ def summary(candidate_loops: float = 0.0) -> DiffSummary:
 
 
 def answers_flags() -> tuple[str, ...]:
-    from eval.report import FLAGS
+    from ratchet.report import FLAGS
 
     return FLAGS
 

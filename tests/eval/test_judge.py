@@ -11,7 +11,7 @@ from eval import gate, greedy
 from eval.errors import JudgeError
 from eval.judge import Judge, judge_all
 from eval.policy import Policy
-from eval.report import Answer, DiffItem
+from ratchet.report import Answer, DiffItem
 from tests.helpers import Gateway
 
 GOOD, BAD = "Paris is the capital of France.", "France is a country, maybe Lyon."

@@ -22,9 +22,9 @@ import pytest
 
 from ratchet import registry
 from ratchet.hashing import adapter_sha256
+from ratchet.registry import TRAINING_CARD as CARD
 from ratchet.settings import Settings
 from tests.helpers import RATCHET, ROOT, Gateway, auth, query
-from trainer.artifacts import CARD
 
 TOPICS = [
     "cats", "dogs", "rivers", "mountains", "bread", "music", "trains", "coffee", "winter",
@@ -185,7 +185,7 @@ def harmful(
     """An adapter trained on the same snapshot with chosen and rejected swapped, then
     evaluated with `ratchet eval`."""
     from feedback.pairs import snapshots
-    from trainer.config import TrainConfig
+    from ratchet.config import TrainConfig
     from trainer.train import train
 
     snapshot_id = loop["run"]["snapshot_id"]

@@ -8,7 +8,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from feedback.migrate import available, migrate
+from ratchet.migrate import available, migrate
 from tests.helpers import query
 
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from feedback.errors import NotEnoughPairs
 from feedback.pairs.build import build
-from feedback.pairs.config import PairSettings
+from ratchet.config import PairSettings
 from tests.feedback import factories as f
 from tests.feedback.conftest import empty
 

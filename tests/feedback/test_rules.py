@@ -7,8 +7,8 @@ import psycopg
 import pytest
 
 from feedback.pairs.build import build
-from feedback.pairs.config import PairSettings
 from feedback.prompts import prompt_messages, prompt_sha256
+from ratchet.config import PairSettings
 from tests.feedback import factories as f
 from tests.feedback.factories import LONG
 

@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 
 from feedback.errors import NotEnoughPairs, SnapshotCorrupted
 from feedback.pairs.build import build
-from feedback.pairs.config import PairSettings
 from feedback.pairs.export import export
+from ratchet.config import PairSettings
 from ratchet.settings import Settings
 from serve.app import create_app
 from tests.feedback import factories as f

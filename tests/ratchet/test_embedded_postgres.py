@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from feedback.migrate import available
+from ratchet.migrate import available
 from tests.helpers import RATCHET, Gateway, auth, start_gateway
 
 

@@ -203,5 +203,11 @@ def test_engine_down_gives_503_with_retry_after(
             assert response.headers["retry-after"].isdigit()
         ready = client.get("/readyz")
         assert ready.status_code == 503
-        assert ready.json()["checks"] == {"database": True, "engine": False, "adapters": False}
+        assert ready.json()["checks"] == {
+            "database": True,
+            "storage": True,
+            "engine": False,
+            "adapters": False,
+            "serving": True,
+        }
     assert counts(database_url) == before

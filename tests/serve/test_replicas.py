@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
+from ratchet.replicas import EngineSet
 from ratchet.settings import Settings
 from serve.metrics import Metrics
-from serve.replicas import EngineSet
 from serve.supervisor import engine_command, engine_env
 from tests.helpers import (
     Gateway,

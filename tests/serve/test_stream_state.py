@@ -1,13 +1,13 @@
 """How a streamed answer's chunks fold into its log row."""
 
-from serve.chat import _absorb, _Stream
+from serve.streams import StreamState
 
 
 def test_text_finish_and_usage_are_collected() -> None:
-    state = _Stream()
-    assert not _absorb(state, {"choices": [{"delta": {"content": "Hel"}}]})
-    assert not _absorb(state, {"choices": [{"delta": {"content": "lo"}, "finish_reason": "stop"}]})
-    assert _absorb(state, {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
+    state = StreamState()
+    assert not state.absorb({"choices": [{"delta": {"content": "Hel"}}]})
+    assert not state.absorb({"choices": [{"delta": {"content": "lo"}, "finish_reason": "stop"}]})
+    assert state.absorb({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
     assert (
         "".join(state.text),
         state.finish_reason,
@@ -18,7 +18,7 @@ def test_text_finish_and_usage_are_collected() -> None:
 
 
 def test_an_engine_error_chunk_marks_the_answer_failed() -> None:
-    state = _Stream()
-    _absorb(state, {"choices": [{"delta": {"content": "Half an ans"}}]})
-    _absorb(state, {"error": {"message": "engine died", "type": "InternalServerError"}})
+    state = StreamState()
+    state.absorb({"choices": [{"delta": {"content": "Half an ans"}}]})
+    state.absorb({"error": {"message": "engine died", "type": "InternalServerError"}})
     assert state.failed

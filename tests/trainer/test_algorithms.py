@@ -9,9 +9,9 @@ import psycopg
 import pytest
 from datasets import Dataset, DatasetDict
 
+from ratchet.config import TrainConfig
 from tests.feedback import factories as f
 from tests.helpers import RATCHET, query
-from trainer.config import TrainConfig
 from trainer.errors import InvalidTrainConfig
 from trainer.train import train
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import psycopg
 
+from ratchet import runs
 from tests.feedback import factories as f
 from tests.helpers import RATCHET, query
-from trainer import runs
 
 LONG = " with enough words in it to pass the length filter easily"
 

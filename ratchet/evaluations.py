@@ -11,8 +11,8 @@ from psycopg import AsyncConnection
 from psycopg.rows import class_row
 from pydantic import BaseModel
 
-from eval.errors import EvalError
-from eval.report import Report, Review
+from ratchet.errors import Busy
+from ratchet.report import Report, Review
 
 Status = Literal["queued", "running", "succeeded", "failed"]
 _COLUMNS = (
@@ -43,7 +43,7 @@ class Evaluation(BaseModel):
     finished_at: datetime | None
 
 
-class EvaluationBusy(EvalError):
+class EvaluationBusy(Busy):
     """This adapter already has an evaluation queued or running."""
 
     def __init__(self, evaluation_id: int) -> None:
@@ -92,12 +92,15 @@ async def list_recent(conn: AsyncConnection, limit: int = 50) -> list[Evaluation
         return await cur.fetchall()
 
 
-async def start(conn: AsyncConnection, evaluation_id: int, production_id: uuid.UUID | None) -> None:
-    await conn.execute(
+async def start(conn: AsyncConnection, evaluation_id: int, production_id: uuid.UUID | None) -> bool:
+    """Claim a queued evaluation, recording which production it is compared with;
+    False when it is not queued (another worker claimed it)."""
+    cur = await conn.execute(
         "UPDATE evaluations SET status = 'running', started_at = now(), heartbeat_at = now(),"
-        " production_id = %s, stage = 'starting' WHERE id = %s",
+        " production_id = %s, stage = 'starting' WHERE id = %s AND status = 'queued'",
         (production_id, evaluation_id),
     )
+    return cur.rowcount == 1
 
 
 async def progress(conn: AsyncConnection, evaluation_id: int, stage: str, fraction: float) -> None:

@@ -10,8 +10,8 @@ import psycopg
 from psycopg.rows import class_row
 from pydantic import BaseModel
 
+from ratchet.errors import Busy
 from ratchet.processes import pid_alive
-from trainer.errors import TrainerError
 
 RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "skipped"]
 _COLUMNS = (
@@ -38,7 +38,7 @@ class Run(BaseModel):
     cancel_requested_at: datetime | None = None
 
 
-class TrainingBusy(TrainerError):
+class TrainingBusy(Busy):
     """Another training is queued or running; only one may be at a time."""
 
     def __init__(self, run_id: int) -> None:

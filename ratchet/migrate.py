@@ -28,7 +28,7 @@ PROCRASTINATE = "-- include: procrastinate schema"
 def available() -> list[Migration]:
     """The migrations shipped with this package, in version order."""
     found = []
-    for entry in resources.files("feedback.migrations").iterdir():
+    for entry in resources.files("ratchet.migrations").iterdir():
         if entry.name.endswith(".sql"):
             version, _, name = entry.name.removesuffix(".sql").partition("_")
             sql = entry.read_text()

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from jinja2 import Environment, FunctionLoader, select_autoescape
 from markupsafe import Markup
 
-from eval.report import BenchmarkScore, DiffItem, Report
+from ratchet.report import BenchmarkScore, DiffItem, Report
 
 Format = Literal["html", "md", "json"]
 # The page shows every changed answer first, then unchanged ones, up to this many.
@@ -23,7 +23,14 @@ def render(report: Report, fmt: Format, **page: Any) -> str:
     return html(report, **page)
 
 
-def html(report: Report, can_review: bool = False, notice: str | None = None) -> str:
+def html(
+    report: Report,
+    can_review: bool = False,
+    notice: str | None = None,
+    stale: str | None = None,
+) -> str:
+    """`stale`: production has changed since the evaluation (what it is now); the page
+    then says so and offers to evaluate again instead of approving."""
     template = _env().get_template("report.html")
     return template.render(
         r=report,
@@ -31,8 +38,10 @@ def html(report: Report, can_review: bool = False, notice: str | None = None) ->
         curve=curve_chart(report.training_curve),
         diffs=ordered_diffs(report.diffs)[:MAX_DIFFS],
         can_review=can_review
+        and stale is None
         and report.review.status == "pending"
         and report.decision.decision == "pass",
+        stale=stale if report.review.status == "pending" else None,
         notice=notice,
         pct=pct,
         diff_html=diff_html,
@@ -192,7 +201,7 @@ def markdown(r: Report) -> str:
 
 
 def _load(name: str) -> str | None:
-    entry = resources.files("eval").joinpath("templates", name)
+    entry = resources.files("serve").joinpath("templates", name)
     return entry.read_text() if entry.is_file() else None
 
 

@@ -1,0 +1,378 @@
+"""The answer log as the gateway writes it: straight to Postgres, or through the spool.
+
+While the database answers, every write is one transaction, as before. When it does
+not (connection refused, reset, no pooled connection within the acquire timeout),
+the write goes to the durable local spool instead and the client gets its answer
+id or 2xx as usual. From then on *every* write goes to the spool, in order, until
+a replay has copied all of it into the database and truncated it; replays are
+idempotent (ids come from the gateway, inserts skip rows already there, votes keep
+the one accepted last), so a crash mid-replay loses and duplicates nothing.
+
+Votes and choices written to the spool cannot be checked against the database, so
+they are taken only for answers and comparisons this gateway gave recently (it
+remembers their ids); others get 503 + Retry-After until the database is back.
+"""
+
+import asyncio
+import json
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from feedback import comparisons, completions, votes
+from feedback.comparisons import Choice
+from feedback.completions import CompletionRecord, CompletionStatus
+from feedback.errors import AlreadyDecided, StorageUnavailable
+from feedback.spool import Entry, Spool, SpoolFile, SpoolFull, read_entries
+from ratchet.db import DatabaseWatch, unavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# Answers and comparisons remembered for votes taken while the database is down.
+RECENT = 200_000
+
+
+@dataclass
+class VoteReceipt:
+    comment: str | None
+    correction: str | None
+    updated: bool
+
+
+@dataclass
+class LogStats:
+    replayed: int = 0
+    dead: int = 0
+    refused: int = 0
+
+
+class _Recent(OrderedDict[uuid.UUID, Any]):
+    def remember(self, key: uuid.UUID, value: Any) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > RECENT:
+            self.popitem(last=False)
+
+
+class AnswerLog:
+    def __init__(
+        self, pool: AsyncConnectionPool, watch: DatabaseWatch, spool: Spool | None
+    ) -> None:
+        self.pool = pool
+        self.watch = watch
+        self.spool = spool
+        self.stats = LogStats()
+        self.spooling = False
+        self._answers = _Recent()  # completion id -> key id
+        self._comparisons = _Recent()  # comparison id -> choice or None
+        self._replay: asyncio.Task[None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def open(self) -> None:
+        """Claim a spool file; what earlier processes left is replayed when possible."""
+        if self.spool is None:
+            return
+        self.spool.open()
+        leftovers = self.spool.orphans()
+        if self.spool.depth or leftovers:
+            self.spooling = bool(self.spool.depth)
+            self._start_replay(leftovers)
+
+    async def flush(self, timeout: float) -> bool:
+        """Replay what is spooled now, if the database answers; True when empty."""
+        if self.spool is None or not (self.spooling or self.spool.depth):
+            return True
+        self._start_replay([])
+        assert self._replay is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(self._replay), timeout)
+        except TimeoutError:
+            return False
+        return not self.spooling
+
+    async def aclose(self) -> None:
+        if self._replay is not None:
+            self._replay.cancel()
+            await asyncio.gather(self._replay, return_exceptions=True)
+        if self.spool is not None:
+            self.spool.close()
+
+    # -- writes --------------------------------------------------------------
+
+    async def completion(self, record: CompletionRecord) -> None:
+        op = {"op": "completion", "row": record.model_dump(mode="json")}
+        await self._write([op], lambda conn: completions.insert(conn, record))
+        self._answers.remember(record.id, record.key_id)
+
+    async def finish(
+        self,
+        completion_id: uuid.UUID,
+        *,
+        status: CompletionStatus,
+        output: str,
+        finish_reason: str | None,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        latency_ms: float,
+    ) -> None:
+        fields: dict[str, Any] = {
+            "status": status,
+            "output": output,
+            "finish_reason": finish_reason,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "latency_ms": latency_ms,
+        }
+        op = {"op": "finish", "id": str(completion_id), **fields}
+        await self._write([op], lambda conn: completions.finish(conn, completion_id, **fields))
+
+    async def vote(
+        self,
+        *,
+        completion_id: uuid.UUID,
+        rating: int,
+        end_user: str,
+        key_id: uuid.UUID | None,
+        comment: str | None,
+        correction: str | None,
+    ) -> VoteReceipt:
+        at = datetime.now(UTC)
+        args: dict[str, Any] = {
+            "completion_id": completion_id,
+            "rating": rating,
+            "end_user": end_user,
+            "key_id": key_id,
+            "comment": comment,
+            "correction": correction,
+            "at": at,
+        }
+
+        async def direct(conn: AsyncConnection) -> VoteReceipt:
+            vote = await votes.upsert(conn, **args)
+            return VoteReceipt(vote.comment, vote.correction, vote.updated_at != vote.created_at)
+
+        def check() -> None:
+            if completion_id not in self._answers:
+                raise StorageUnavailable(
+                    "The database is unavailable and this answer is not one this gateway "
+                    "gave recently, so the vote cannot be checked now; please retry.",
+                    code="database_unavailable",
+                )
+
+        op = {"op": "vote", **args}
+        done = await self._write([op], direct, check)
+        return done if done is not None else VoteReceipt(comment, correction, False)
+
+    async def comparison(
+        self,
+        a: CompletionRecord,
+        b: CompletionRecord,
+        *,
+        comparison_id: uuid.UUID,
+        key_id: uuid.UUID | None,
+        end_user: str | None,
+    ) -> None:
+        """Both answers and the comparison, together or not at all."""
+        fields: dict[str, Any] = {
+            "comparison_id": comparison_id,
+            "key_id": key_id,
+            "end_user": end_user,
+            "messages": a.messages,
+            "params": a.params,
+            "completion_a": a.id,
+            "completion_b": b.id,
+            "created_at": datetime.now(UTC),
+        }
+
+        async def direct(conn: AsyncConnection) -> None:
+            await completions.insert(conn, a)
+            await completions.insert(conn, b)
+            await comparisons.create(conn, **fields)
+
+        ops = [
+            {"op": "completion", "row": a.model_dump(mode="json")},
+            {"op": "completion", "row": b.model_dump(mode="json")},
+            {"op": "comparison", **fields},
+        ]
+        await self._write(ops, direct)
+        self._answers.remember(a.id, a.key_id)
+        self._answers.remember(b.id, b.key_id)
+        self._comparisons.remember(comparison_id, None)
+
+    async def choice(self, comparison_id: uuid.UUID, choice: Choice, chooser: str) -> Choice:
+        """Record a choice; UnknownComparison / AlreadyDecided as `comparisons.decide`."""
+        at = datetime.now(UTC)
+
+        async def direct(conn: AsyncConnection) -> Choice:
+            decided = await comparisons.decide(conn, comparison_id, choice, chooser, at)
+            assert decided.choice is not None
+            return decided.choice
+
+        def check() -> None:
+            if comparison_id not in self._comparisons:
+                raise StorageUnavailable(
+                    "The database is unavailable and this comparison is not one this gateway "
+                    "made recently, so the choice cannot be checked now; please retry.",
+                    code="database_unavailable",
+                )
+            earlier = self._comparisons[comparison_id]
+            if earlier is not None and earlier != choice:
+                raise AlreadyDecided(str(comparison_id), earlier)
+
+        op = {"op": "choice", "id": comparison_id, "choice": choice, "chooser": chooser, "at": at}
+        done = await self._write([op], direct, check)
+        if self._comparisons.get(comparison_id) is None and comparison_id in self._comparisons:
+            self._comparisons.remember(comparison_id, choice)
+        return done if done is not None else choice
+
+    async def _write(
+        self,
+        entry: Entry,
+        direct: Callable[[AsyncConnection], Awaitable[T]],
+        check: Callable[[], None] | None = None,
+    ) -> T | None:
+        """Write to the database, or to the spool when it is down (None then)."""
+        if self.watch.up and not self.spooling:
+            try:
+                async with self.pool.connection() as conn, conn.transaction():
+                    return await direct(conn)
+            except Exception as exc:
+                if not unavailable(exc):
+                    raise
+                self.watch.failed(exc)
+        if check is not None:
+            check()
+        if self.spool is None:
+            self.stats.refused += 1
+            raise StorageUnavailable(
+                "The database is unavailable and the spool is disabled; please retry.",
+                code="database_unavailable",
+            )
+        try:
+            await self.spool.append(entry)
+        except SpoolFull as exc:
+            self.stats.refused += 1
+            raise StorageUnavailable(
+                f"The database is unavailable and {exc}; please retry.", code="spool_full"
+            ) from exc
+        if not self.spooling:
+            log.warning("answer log: writing to the spool until the database is back")
+        self.spooling = True
+        self._start_replay([])
+        return None
+
+    # -- replay --------------------------------------------------------------
+
+    def _start_replay(self, leftovers: list[SpoolFile]) -> None:
+        if self._replay is None or self._replay.done():
+            self._replay = asyncio.get_running_loop().create_task(
+                self._replay_when_up(leftovers), name="spool-replay"
+            )
+
+    async def _replay_when_up(self, leftovers: list[SpoolFile]) -> None:
+        while True:
+            if not self.watch.up:
+                await self.watch.wait_up()
+            try:
+                while leftovers:
+                    await self._replay_file(leftovers[0])
+                    done = leftovers.pop(0)
+                    done.path.unlink(missing_ok=True)
+                    done.close()
+                await self._replay_own()
+                return
+            except Exception as exc:
+                if not unavailable(exc):
+                    log.exception("spool replay failed; retrying")
+                else:
+                    self.watch.failed(exc)
+                await asyncio.sleep(self.watch.interval)
+
+    async def _replay_own(self) -> None:
+        assert self.spool is not None and self.spool.own is not None
+        own = self.spool.own
+        offset = await self._replay_file(own)
+        async with self.spool.lock:  # no write slips in between the tail and the truncate
+            await self._replay_file(own, offset)
+            own.truncate()
+            self.spooling = False
+        log.warning("answer log: spool replayed; writing to the database again")
+
+    async def _replay_file(self, spool_file: SpoolFile, offset: int = 0) -> int:
+        entries = await asyncio.to_thread(lambda: list(read_entries(spool_file.path, offset)))
+        for entry, end in entries:
+            await self._apply(entry, spool_file)
+            offset = end
+        return offset
+
+    async def _apply(self, entry: Entry, spool_file: SpoolFile) -> None:
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                for op in entry:
+                    await apply_op(conn, op)
+        except Exception as exc:
+            if unavailable(exc):
+                raise
+            # The database refuses it (it never will take it): keep it aside, go on.
+            self.stats.dead += 1
+            log.error("spooled write refused by the database (%s); kept aside", exc)
+            dead = spool_file.path.with_name("dead.jsonl")
+            line = json.dumps({"error": str(exc), "entry": entry}, default=str) + "\n"
+            await asyncio.to_thread(_append_line, dead, line)
+            return
+        self.stats.replayed += 1
+
+
+def _append_line(path: Any, line: str) -> None:
+    with open(path, "a") as fh:
+        fh.write(line)
+
+
+async def apply_op(conn: AsyncConnection, op: dict[str, Any]) -> None:
+    """One spooled operation, written the same way the direct path writes it."""
+    kind = op["op"]
+    if kind == "completion":
+        await completions.insert(conn, CompletionRecord.model_validate(op["row"]))
+    elif kind == "finish":
+        fields = {k: v for k, v in op.items() if k not in ("op", "id")}
+        await completions.finish(conn, uuid.UUID(op["id"]), **fields)
+    elif kind == "vote":
+        await votes.upsert(
+            conn,
+            completion_id=uuid.UUID(op["completion_id"]),
+            rating=int(op["rating"]),
+            end_user=op["end_user"],
+            key_id=uuid.UUID(op["key_id"]) if op.get("key_id") else None,
+            comment=op.get("comment"),
+            correction=op.get("correction"),
+            at=datetime.fromisoformat(op["at"]),
+        )
+    elif kind == "comparison":
+        await comparisons.create(
+            conn,
+            comparison_id=uuid.UUID(op["comparison_id"]),
+            key_id=uuid.UUID(op["key_id"]) if op.get("key_id") else None,
+            end_user=op.get("end_user"),
+            messages=op["messages"],
+            params=op["params"],
+            completion_a=uuid.UUID(op["completion_a"]),
+            completion_b=uuid.UUID(op["completion_b"]),
+            created_at=datetime.fromisoformat(op["created_at"]),
+        )
+    elif kind == "choice":
+        try:
+            at = datetime.fromisoformat(op["at"])
+            await comparisons.decide(conn, uuid.UUID(op["id"]), op["choice"], op["chooser"], at)
+        except AlreadyDecided:
+            # Another gateway recorded a different choice first; the first one stands.
+            log.warning("spooled choice on %s lost to an earlier one", op["id"])
+    else:
+        raise ValueError(f"unknown spool operation {kind!r}")
