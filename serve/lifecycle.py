@@ -44,9 +44,14 @@ class Housekeeping:
         self._task = asyncio.create_task(self._loop(), name="gateway-housekeeping")
 
     async def aclose(self) -> None:
+        """Stop beating; a last sweep marks this gateway's own unfinished rows (streams
+        whose end could not be written) `aborted` while the database answers."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self.watch.up and self.registered:
+            with contextlib.suppress(Exception):
+                await self.beat(sweep=True)
 
     async def _loop(self) -> None:
         beats = 0

@@ -10,7 +10,15 @@ import pytest
 
 from ratchet.model import MANIFEST, prepare_default
 from ratchet.settings import Settings
-from tests.helpers import ROOT, Gateway, fresh_database, make_key, query, start_gateway
+from tests.helpers import (
+    ROOT,
+    Engine,
+    Gateway,
+    fresh_database,
+    make_key,
+    query,
+    start_gateway,
+)
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -93,3 +101,29 @@ def no_candidate(database_url: str) -> None:
     )
     if retired:
         time.sleep(Settings().registry_cache_seconds + 0.2)  # let gateways' caches expire
+
+
+@pytest.fixture(scope="session")
+def engine_pair(
+    base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[Engine]]:
+    """Two vLLM engines of the tests' own, for the replica and chaos tests (which run
+    last, one after the other). Each test leaves both running.
+
+    Two engines on one box get a core each, as vLLM's CPU docs advise. Left to
+    auto-binding, both pin their workers to the same core, and the one that is
+    starting gets no time from the one that is serving (8+ minutes to come up)."""
+    logs = tmp_path_factory.mktemp("engines")
+    cores = os.cpu_count() or 1
+    pair = [Engine(base_model_dir, logs / f"engine-{i}.log", core=i % cores) for i in range(2)]
+    try:
+        for engine in pair:
+            engine.start()
+        for engine in pair:
+            engine.wait_healthy()
+        yield pair
+    finally:
+        for engine in pair:
+            if engine.alive():
+                engine.thaw()
+                engine.kill()

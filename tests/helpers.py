@@ -20,6 +20,8 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from ratchet import keys
+from ratchet.settings import Settings
+from serve.supervisor import engine_command, engine_env
 
 ROOT = Path(__file__).resolve().parent.parent
 RATCHET = str(Path(sys.executable).parent / "ratchet")
@@ -57,6 +59,64 @@ def auth(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
 
 
+class Engine:
+    """A vLLM server of our own on a fixed port, so that it can come back there (or be
+    frozen with SIGSTOP, like a hung GPU)."""
+
+    def __init__(self, base_model: Path, log: Path, core: int) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.settings = Settings(base_model=str(base_model), engine_port=self.port)
+        # Two engines on one box get a core each, as vLLM's CPU docs advise. Left to
+        # auto-binding, both pin their workers to the same core, and the one that is
+        # starting gets no time from the one that is serving (8+ minutes to come up).
+        self.env = {**engine_env(self.settings), "VLLM_CPU_OMP_THREADS_BIND": str(core)}
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                engine_command(self.settings),
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def wait_healthy(self, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process and self.process.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise AssertionError(f"engine {self.url} not healthy in {timeout} s")
+
+    def kill(self) -> None:
+        assert self.process
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def adapters(self) -> set[str]:
+        models = httpx.get(self.url + "/v1/models", timeout=10).json()["data"]
+        return {m["id"] for m in models if m.get("parent")}
+
+    def freeze(self) -> None:
+        assert self.process
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process
+        os.killpg(self.process.pid, signal.SIGCONT)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
 @dataclass
 class Gateway:
     """A `ratchet serve` subprocess."""
@@ -81,10 +141,14 @@ class Gateway:
 
 
 def start_gateway(
-    env: dict[str, str], log_path: Path, *args: str, ready_timeout: float = 420.0
+    env: dict[str, str],
+    log_path: Path,
+    *args: str,
+    ready_timeout: float = 420.0,
+    port: int | None = None,
 ) -> Gateway:
     """Start `ratchet serve --port P ARGS`, wait until /readyz answers 200."""
-    port = free_port()
+    port = port or free_port()
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
             [RATCHET, "serve", "--port", str(port), *args],

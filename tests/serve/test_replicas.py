@@ -3,12 +3,9 @@ replica that restarts gets production loaded again before it takes requests, whi
 requests keep succeeding on the other one."""
 
 import asyncio
-import os
-import signal
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +15,8 @@ import pytest
 from ratchet.replicas import EngineSet
 from ratchet.settings import Settings
 from serve.metrics import Metrics
-from serve.supervisor import engine_command, engine_env
 from tests.helpers import (
+    Engine,
     Gateway,
     auth,
     free_port,
@@ -36,69 +33,9 @@ GREEDY = {"temperature": 0, "max_tokens": 16,
           "messages": [{"role": "user", "content": "Name a color."}]}  # fmt: skip
 
 
-class Engine:
-    """A vLLM server of our own on a fixed port, so that it can come back there."""
-
-    def __init__(self, base_model: Path, log: Path, core: int) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.settings = Settings(base_model=str(base_model), engine_port=self.port)
-        # Two engines on one box get a core each, as vLLM's CPU docs advise. Left to
-        # auto-binding, both pin their workers to the same core, and the one that is
-        # starting gets no time from the one that is serving (8+ minutes to come up).
-        self.env = {**engine_env(self.settings), "VLLM_CPU_OMP_THREADS_BIND": str(core)}
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                engine_command(self.settings),
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def wait_healthy(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process and self.process.poll() is None, self.log.read_text()[-3000:]
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise AssertionError(f"engine {self.url} not healthy in {timeout} s")
-
-    def kill(self) -> None:
-        assert self.process
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-
-    def adapters(self) -> set[str]:
-        models = httpx.get(self.url + "/v1/models", timeout=10).json()["data"]
-        return {m["id"] for m in models if m.get("parent")}
-
-
-@pytest.fixture(scope="module")
-def engines(
-    base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[list[Engine]]:
-    logs = tmp_path_factory.mktemp("replicas")
-    pair = [Engine(base_model_dir, logs / f"engine-{i}.log", core=i % (os.cpu_count() or 1))
-            for i in range(2)]  # fmt: skip
-    try:
-        for engine in pair:
-            engine.start()
-        for engine in pair:
-            engine.wait_healthy()
-        yield pair
-    finally:
-        for engine in pair:
-            if engine.process and engine.process.poll() is None:
-                engine.kill()
+@pytest.fixture
+def engines(engine_pair: list[Engine]) -> list[Engine]:
+    return engine_pair
 
 
 def engines_view(gateway: Gateway, key: str) -> dict[str, dict[str, Any]]:

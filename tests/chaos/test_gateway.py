@@ -1,0 +1,152 @@
+"""The gateway itself fails: killed with SIGKILL under load, or stopped with SIGTERM
+while streams are in flight."""
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.chaos.conftest import ThrowawayPostgres, chaos_env, report, serve
+from tests.chaos.load import Load, check_stored, unfinished
+from tests.helpers import Engine, auth, free_port, query
+
+pytestmark = [pytest.mark.disruptive, pytest.mark.timeout(600)]
+
+
+def test_a_gateway_killed_under_load_loses_nothing_acknowledged(
+    pg: ThrowawayPostgres,
+    keys: dict[str, str],
+    engine_pair: list[Engine],
+    base_model_dir: Path,
+    chaos_data: Path,
+) -> None:
+    env = chaos_env(pg, chaos_data, base_model_dir, engine_pair)
+    port = free_port()
+    first = serve(env, chaos_data / "killed.log", port=port)
+    load = Load(first.url, keys["chat"], threads=6, seed=3).start()
+    try:
+        time.sleep(12)
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait(timeout=30)
+        killed_at = time.monotonic()
+        second = serve(env, chaos_data / "restarted.log", port=port)  # the clients come back
+        restarted_in = time.monotonic() - killed_at
+        time.sleep(10)
+    finally:
+        ledger = load.stop()
+    try:
+        # The new gateway sweeps the dead one's streams when it registers.
+        deadline = time.monotonic() + 20
+        while unfinished(pg.url)["streaming"] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = unfinished(pg.url)
+    finally:
+        assert second.stop() == 0, second.log()
+    lost = check_stored(ledger, pg.url)
+    report(ledger.summary("gateway killed (SIGKILL) and restarted", len(lost)))
+    assert not ledger.violations, ledger.violations[:5]
+    assert not lost, lost[:10]
+    assert ledger.no_response > 0  # the kill did cut requests
+    assert left == {"streaming": 0, "evaluations_without_job": 0, "runs_without_job": 0}
+    assert restarted_in < 60
+
+
+def stream(url: str, key: str, max_tokens: int, out: dict[str, Any]) -> None:
+    """One streamed chat; what the client saw goes into `out`."""
+    body = {
+        "model": "base",
+        "messages": [{"role": "user", "content": "Tell me a long story about a cat."}],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    text: list[str] = []
+    out["outcome"] = "broken"
+    try:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=auth(key),
+                          timeout=60) as response:  # fmt: skip
+            for line in response.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    out["outcome"] = "done"
+                    break
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    out["outcome"] = "error"
+                    out["error"] = chunk["error"]
+                    break
+                out.setdefault("id", chunk["id"])
+                text += [(c.get("delta") or {}).get("content") or "" for c in chunk["choices"]]
+    except httpx.TransportError:
+        pass
+    out["text"] = "".join(text)
+
+
+def test_sigterm_lets_streams_finish_within_the_grace_period_or_cuts_them(
+    pg: ThrowawayPostgres,
+    keys: dict[str, str],
+    engine_pair: list[Engine],
+    base_model_dir: Path,
+    chaos_data: Path,
+) -> None:
+    grace = 4.0
+    env = chaos_env(pg, chaos_data, base_model_dir, engine_pair,
+                    shutdown_grace_s=str(grace))  # fmt: skip
+    gateway = serve(env, chaos_data / "sigterm.log")
+    plans = [8, 8, 250, 250]  # two streams that end well within the grace period, two not
+    seen: list[dict[str, Any]] = [{} for _ in plans]
+    clients = [
+        threading.Thread(target=stream, args=(gateway.url, keys["chat"], n, out))
+        for n, out in zip(plans, seen, strict=True)
+    ]
+    for client in clients:
+        client.start()
+    deadline = time.monotonic() + 60
+    while not all("id" in s for s in seen):  # every stream has started
+        assert time.monotonic() < deadline, seen
+        time.sleep(0.05)
+    gateway.process.send_signal(signal.SIGTERM)
+    terminated = time.monotonic()
+    try:
+        readiness = httpx.get(gateway.url + "/readyz", timeout=5).status_code
+    except httpx.TransportError:
+        readiness = 0  # not even listening any more: not ready either
+    for client in clients:
+        client.join(timeout=60)
+    code = gateway.process.wait(timeout=60)
+    stopped_in = time.monotonic() - terminated
+    rows = {
+        r["id"].replace("-", ""): r
+        for r in query(
+            pg.url,
+            "SELECT id::text, status, output FROM completions WHERE id = ANY(%s::uuid[])",
+            [s["id"].split("-", 1)[1] for s in seen],
+        )  # fmt: skip
+    }
+    outcomes = [s["outcome"] for s in seen]
+    lost = [
+        s["id"]
+        for s in seen
+        if rows.get(s["id"].split("-", 1)[1], {}).get("output") != s["text"]
+        or rows[s["id"].split("-", 1)[1]]["status"]
+        != ("complete" if s["outcome"] == "done" else "aborted")
+    ]
+    report({"fault": f"SIGTERM with {len(seen)} streams in flight", "sent": len(seen),
+            "2xx": sum("id" in s for s in seen), "503": 0, "other": 0,
+            "no_response": outcomes.count("broken"), "lost": len(lost)})  # fmt: skip
+    assert code == 0, gateway.log()
+    assert readiness != 200
+    assert outcomes == ["done", "done", "error", "error"], seen
+    assert all(s["error"]["code"] == "server_shutting_down" for s in seen[2:])
+    assert not lost, (lost, rows)
+    assert all(s["text"] for s in seen)  # what was said before the cut is kept
+    assert grace <= stopped_in < grace + 15, stopped_in
+    assert unfinished(pg.url)["streaming"] == 0
+    with pytest.raises(httpx.TransportError):
+        httpx.get(gateway.url + "/healthz", timeout=2)  # nothing is left running
