@@ -1,6 +1,8 @@
 """The gateway itself fails: killed with SIGKILL under load, or stopped with SIGTERM
 while streams are in flight."""
 
+import asyncio
+import contextlib
 import json
 import signal
 import threading
@@ -10,7 +12,10 @@ from typing import Any
 
 import httpx
 import pytest
+from procrastinate import App, PsycopgConnector
 
+from ratchet import jobs
+from ratchet.registry import Adapter
 from tests.chaos.conftest import ThrowawayPostgres, chaos_env, report, serve
 from tests.chaos.load import Load, check_stored, unfinished
 from tests.helpers import Engine, auth, free_port, query
@@ -18,10 +23,27 @@ from tests.helpers import Engine, auth, free_port, query
 pytestmark = [pytest.mark.disruptive, pytest.mark.timeout(600)]
 
 
+async def worker_sweep(url: str) -> None:
+    app = App(connector=PsycopgConnector(conninfo=url))
+    async with app.open_async():
+        await jobs.requeue_orphans(app, url, grace_s=0)
+
+
+def ask_for_evaluations(url: str, ops: str, adapter: Adapter, stop: threading.Event) -> None:
+    """An operator who keeps asking for an evaluation (202 once, then 409 while it is
+    queued): the row and its job must agree whenever the gateway dies."""
+    while not stop.is_set():
+        with contextlib.suppress(httpx.TransportError):
+            httpx.post(url + "/v1/admin/evaluations", headers=auth(ops),
+                       json={"adapter": str(adapter.id)}, timeout=10)  # fmt: skip
+        stop.wait(0.3)
+
+
 def test_a_gateway_killed_under_load_loses_nothing_acknowledged(
     pg: ThrowawayPostgres,
     keys: dict[str, str],
     engine_pair: list[Engine],
+    adapters: list[Adapter],
     base_model_dir: Path,
     chaos_data: Path,
 ) -> None:
@@ -29,6 +51,11 @@ def test_a_gateway_killed_under_load_loses_nothing_acknowledged(
     port = free_port()
     first = serve(env, chaos_data / "killed.log", port=port)
     load = Load(first.url, keys["chat"], threads=6, seed=3).start()
+    stop = threading.Event()
+    operator = threading.Thread(
+        target=ask_for_evaluations, args=(first.url, keys["ops"], adapters[0], stop)
+    )
+    operator.start()
     try:
         time.sleep(12)
         first.process.send_signal(signal.SIGKILL)
@@ -39,20 +66,31 @@ def test_a_gateway_killed_under_load_loses_nothing_acknowledged(
         time.sleep(10)
     finally:
         ledger = load.stop()
+        stop.set()
+        operator.join(timeout=30)
     try:
         # The new gateway sweeps the dead one's streams when it registers.
         deadline = time.monotonic() + 20
         while unfinished(pg.url)["streaming"] and time.monotonic() < deadline:
             time.sleep(0.5)
+        # A worker starting now would queue again a row whose job the kill cut off.
+        asyncio.run(worker_sweep(pg.url))
         left = unfinished(pg.url)
+        asked = query(pg.url, "SELECT id FROM evaluations WHERE status = 'queued'")
     finally:
         assert second.stop() == 0, second.log()
+        # Nobody runs a worker on this database: leave no work queued for later tests.
+        query(pg.url, "DELETE FROM procrastinate_jobs WHERE task_name = 'ratchet:evaluate'"
+              " RETURNING id")  # fmt: skip
+        query(pg.url, "UPDATE evaluations SET status = 'failed' WHERE status = 'queued'"
+              " RETURNING id")  # fmt: skip
     lost = check_stored(ledger, pg.url)
     report(ledger.summary("gateway killed (SIGKILL) and restarted", len(lost)))
     assert not ledger.violations, ledger.violations[:5]
     assert not lost, lost[:10]
     assert ledger.no_response > 0  # the kill did cut requests
     assert left == {"streaming": 0, "evaluations_without_job": 0, "runs_without_job": 0}
+    assert len(asked) == 1  # one queued evaluation of that adapter, with its job
     assert restarted_in < 60
 
 

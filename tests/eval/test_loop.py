@@ -140,7 +140,8 @@ def loop(
 def test_training_produces_a_candidate_with_its_card(loop: dict[str, Any], data_dir: Path) -> None:
     run_row, adapter = loop["run"], loop["adapter"]
     assert run_row["status"] == "succeeded" and run_row["step"] == 40
-    assert run_row["reason"].startswith("awaiting evaluation (job ")
+    # Its evaluation was queued, row first: the reason names the row the worker ran.
+    assert run_row["reason"] == f"awaiting evaluation {loop['evaluations'][0]['id']}"
     path = Path(adapter["path"])
     assert path.parent == data_dir / "adapters" and adapter_sha256(path) == adapter["sha256"]
     card = json.loads((path / CARD).read_text())
