@@ -340,21 +340,26 @@ class EngineSet:
         tried: set[str],
     ) -> T:
         attempt = asyncio.ensure_future(self._attempt(replica, adapter, work))
-        while True:
-            gone = asyncio.ensure_future(replica.gone.wait())
-            await asyncio.wait({attempt, gone}, return_when=asyncio.FIRST_COMPLETED)
-            gone.cancel()
-            if attempt.done():
-                return attempt.result()
-            if self._choose(tried) is None:
-                # Nowhere else to go: keep waiting; the call's own timeout still bounds it.
-                await asyncio.wait({attempt}, timeout=self.interval)
+        try:
+            while True:
+                gone = asyncio.ensure_future(replica.gone.wait())
+                try:
+                    await asyncio.wait({attempt, gone}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    gone.cancel()
                 if attempt.done():
                     return attempt.result()
-                continue
-            attempt.cancel()
-            await asyncio.gather(attempt, return_exceptions=True)
-            raise EngineUnavailable(f"engine {replica.url} stopped answering", replica.url)
+                if self._choose(tried) is None:
+                    # Nowhere else to go: keep waiting; the call's own timeout bounds it.
+                    await asyncio.wait({attempt}, timeout=self.interval)
+                    if attempt.done():
+                        return attempt.result()
+                    continue
+                raise EngineUnavailable(f"engine {replica.url} stopped answering", replica.url)
+        finally:
+            if not attempt.done():  # moved elsewhere, or the caller was cancelled
+                attempt.cancel()
+                await asyncio.gather(attempt, return_exceptions=True)
 
     async def _attempt(
         self,

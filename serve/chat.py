@@ -168,13 +168,16 @@ class ChatService:
             raise _shutting_down()
         task = asyncio.ensure_future(work)
         waiter = asyncio.ensure_future(self.cutting.wait())
-        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        raise _shutting_down()
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            if not task.done():  # cut, or the client left and this request is cancelled
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled():
+            raise _shutting_down()
+        return task.result()
 
     async def _finish(
         self, uid: uuid.UUID, request: ChatCompletionRequest, state: StreamState, status: str
