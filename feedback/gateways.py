@@ -46,16 +46,21 @@ async def sweep(
     me: uuid.UUID,
     live_streams: set[uuid.UUID],
     stale_after_s: float,
+    max_stream_s: float,
 ) -> int:
-    """Abort the streams of gateways that are gone, and this gateway's own rows still
-    `streaming` that no stream of it holds (their end could not be written). Forget
-    gateways gone for a day. Returns how many rows were aborted."""
+    """Abort the streams of gateways that are gone; this gateway's own rows still
+    `streaming` that no stream of it holds (their end could not be written); and rows
+    of gateways that never registered (one that started and died while the database
+    was down) once no stream could still be running. Forget gateways gone for a day.
+    Returns how many rows were aborted."""
     dead = await gone(conn, me, stale_after_s)
     swept = await completions.sweep_streams(conn, dead)
     cur = await conn.execute(
         "UPDATE completions SET status = 'aborted', output = coalesce(output, '')"
-        " WHERE status = 'streaming' AND gateway_id = %s AND NOT (id = ANY(%s))",
-        (me, list(live_streams)),
+        " WHERE status = 'streaming' AND ((gateway_id = %s AND NOT (id = ANY(%s)))"
+        "  OR ((gateway_id IS NULL OR gateway_id NOT IN (SELECT id FROM gateways))"
+        "   AND created_at < now() - make_interval(secs => %s)))",
+        (me, list(live_streams), max_stream_s),
     )
     await conn.execute(
         "DELETE FROM gateways WHERE seen_at < now() - interval '1 day'"

@@ -30,7 +30,7 @@ from feedback import comparisons, completions, votes
 from feedback.comparisons import Choice
 from feedback.completions import CompletionRecord, CompletionStatus
 from feedback.errors import AlreadyDecided, StorageUnavailable
-from feedback.spool import Entry, Spool, SpoolFile, SpoolFull, read_entries
+from feedback.spool import Entry, Spool, SpoolFile, SpoolFull, read_batch
 from ratchet.db import DatabaseWatch, unavailable
 
 log = logging.getLogger(__name__)
@@ -63,11 +63,18 @@ class _Recent(OrderedDict[uuid.UUID, Any]):
 
 class AnswerLog:
     def __init__(
-        self, pool: AsyncConnectionPool, watch: DatabaseWatch, spool: Spool | None
+        self,
+        pool: AsyncConnectionPool,
+        watch: DatabaseWatch,
+        spool: Spool | None,
+        write_timeout: float = 5.0,
     ) -> None:
         self.pool = pool
         self.watch = watch
         self.spool = spool
+        # A database that accepts connections and then says nothing (a frozen server)
+        # must not hang requests: past this, a write counts as failed and is spooled.
+        self.write_timeout = write_timeout
         self.stats = LogStats()
         self.spooling = False
         self._answers = _Recent()  # completion id -> key id
@@ -242,10 +249,12 @@ class AnswerLog:
         """Write to the database, or to the spool when it is down (None then)."""
         if self.watch.up and not self.spooling:
             try:
-                async with self.pool.connection() as conn, conn.transaction():
-                    return await direct(conn)
+                async with asyncio.timeout(self.write_timeout):
+                    async with self.pool.connection() as conn, conn.transaction():
+                        return await direct(conn)
             except Exception as exc:
-                if not unavailable(exc):
+                # It may have committed all the same: replays are idempotent.
+                if not (unavailable(exc) or isinstance(exc, TimeoutError)):
                     raise
                 self.watch.failed(exc)
         if check is not None:
@@ -257,7 +266,7 @@ class AnswerLog:
                 code="database_unavailable",
             )
         try:
-            await self.spool.append(entry)
+            self.spool.append(entry)
         except SpoolFull as exc:
             self.stats.refused += 1
             raise StorageUnavailable(
@@ -290,36 +299,41 @@ class AnswerLog:
                 await self._replay_own()
                 return
             except Exception as exc:
-                if not unavailable(exc):
-                    log.exception("spool replay failed; retrying")
-                else:
+                if unavailable(exc) or isinstance(exc, TimeoutError):
                     self.watch.failed(exc)
+                else:
+                    log.exception("spool replay failed; retrying")
                 await asyncio.sleep(self.watch.interval)
 
     async def _replay_own(self) -> None:
         assert self.spool is not None and self.spool.own is not None
-        own = self.spool.own
-        offset = await self._replay_file(own)
-        async with self.spool.lock:  # no write slips in between the tail and the truncate
-            await self._replay_file(own, offset)
-            own.truncate()
-            self.spooling = False
+        own, offset = self.spool.own, 0
+        while True:
+            offset = await self._replay_file(own, offset)
+            # Appends are synchronous: between this check and the truncate no write can
+            # slip in, and writers go direct again from the next one on.
+            if own.size == offset:
+                own.truncate()
+                self.spooling = False
+                break
         log.warning("answer log: spool replayed; writing to the database again")
 
     async def _replay_file(self, spool_file: SpoolFile, offset: int = 0) -> int:
-        entries = await asyncio.to_thread(lambda: list(read_entries(spool_file.path, offset)))
-        for entry, end in entries:
-            await self._apply(entry, spool_file)
-            offset = end
+        """Apply the file's lines from `offset`, a batch at a time; the offset reached."""
+        while entries := await asyncio.to_thread(read_batch, spool_file.path, offset):
+            for entry, end in entries:
+                await self._apply(entry, spool_file)
+                offset = end
         return offset
 
     async def _apply(self, entry: Entry, spool_file: SpoolFile) -> None:
         try:
-            async with self.pool.connection() as conn, conn.transaction():
-                for op in entry:
-                    await apply_op(conn, op)
+            async with asyncio.timeout(self.write_timeout):
+                async with self.pool.connection() as conn, conn.transaction():
+                    for op in entry:
+                        await apply_op(conn, op)
         except Exception as exc:
-            if unavailable(exc):
+            if unavailable(exc) or isinstance(exc, TimeoutError):
                 raise
             # The database refuses it (it never will take it): keep it aside, go on.
             self.stats.dead += 1

@@ -12,8 +12,8 @@ processes that died (e.g. SIGKILL) are left unlocked and are replayed by the nex
 gateway that starts on the same directory.
 """
 
-import asyncio
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -75,14 +75,18 @@ class SpoolFile:
         os.close(self.fd)  # releases the lock
 
 
+def read_batch(path: Path, offset: int, limit: int = 500) -> list[tuple[Entry, int]]:
+    """At most `limit` lines from `offset`: a replay never holds a whole spool in memory."""
+    return list(itertools.islice(read_entries(path, offset), limit))
+
+
 def read_entries(path: Path, offset: int = 0) -> Iterator[tuple[Entry, int]]:
     """The complete lines of a spool file from byte `offset`, in order, each with the
     offset just past it."""
     with path.open("rb") as fh:
         fh.seek(offset)
         for raw in fh:
-            if not raw.endswith(b"\n"):
-                log.warning("%s: skipping a torn last line (%d bytes)", path, len(raw))
+            if not raw.endswith(b"\n"):  # being written, or torn by a crash: not yet a line
                 return
             offset += len(raw)
             try:
@@ -100,7 +104,6 @@ class Spool:
     def __init__(self, directory: Path, max_bytes: int) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
-        self._lock = asyncio.Lock()  # one writer at a time; fsync in a thread
         self.own: SpoolFile | None = None
 
     def open(self) -> None:
@@ -129,20 +132,18 @@ class Spool:
     def room_for(self, size: int) -> bool:
         return self.own is not None and self.own.size + size <= self.max_bytes
 
-    async def append(self, entry: Entry) -> None:
-        """Write one unit of work durably; SpoolFull when it does not fit."""
-        line = json.dumps(entry, separators=(",", ":"), default=str).encode() + b"\n"
-        async with self._lock:
-            if not self.room_for(len(line)):
-                raise SpoolFull(f"the spool is full ({self.bytes} of {self.max_bytes} bytes)")
-            assert self.own is not None
-            await asyncio.to_thread(self.own.append, line)
+    def append(self, entry: Entry) -> None:
+        """Write one unit of work durably; SpoolFull when it does not fit.
 
-    @property
-    def lock(self) -> asyncio.Lock:
-        """Held while appending; a replay holds it to drain the last lines and
-        truncate without a write slipping in between."""
-        return self._lock
+        Synchronous on purpose, fsync included (a few ms, and only while the database
+        is down): no other coroutine can run in between, so appends never interleave,
+        a cancelled request cannot leave a write half done behind a released lock, and
+        a replay can check "nothing new" and truncate without a lock."""
+        line = json.dumps(entry, separators=(",", ":"), default=str).encode() + b"\n"
+        if not self.room_for(len(line)):
+            raise SpoolFull(f"the spool is full ({self.bytes} of {self.max_bytes} bytes)")
+        assert self.own is not None
+        self.own.append(line)
 
     def orphans(self) -> list[SpoolFile]:
         """Spool files of processes that are gone, claimed for replay."""

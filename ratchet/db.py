@@ -96,10 +96,15 @@ def make_pool(
 
 def unavailable(exc: BaseException) -> bool:
     """True for errors that mean "the database cannot be reached now", as opposed to a
-    query the database refused (a constraint, a syntax error)."""
-    return isinstance(
-        exc, psycopg.OperationalError | psycopg.InterfaceError | PoolTimeout | PoolClosed
-    )
+    query the database refused (a constraint, a deadlock, a lock timeout): no
+    connection from the pool, a connection lost (no SQLSTATE, or class 08), or the
+    server shutting down (57P01-57P03)."""
+    if isinstance(exc, psycopg.InterfaceError | PoolTimeout | PoolClosed):
+        return True
+    if isinstance(exc, psycopg.OperationalError):
+        state = exc.sqlstate or ""
+        return not state or state.startswith(("08", "57P"))
+    return False
 
 
 class DatabaseWatch:
@@ -146,7 +151,10 @@ class DatabaseWatch:
     async def _wait_back(self) -> None:
         while not self.up:
             await asyncio.sleep(self.interval)
-            await self.check(timeout=self.interval)
+            try:
+                await self.check(timeout=self.interval)
+            except Exception:  # not an outage, yet not an answer: keep probing
+                log.exception("database probe failed")
 
     async def aclose(self) -> None:
         if self._probe is not None:

@@ -97,7 +97,9 @@ async def promote(
     async with connect() as conn, conn.transaction():
         current = await _lock(conn, lock_timeout_s)
         _unchanged(decided_on, current)
-        if not force and (problem := await gate_problem(conn, adapter, current, evaluation_id)):
+        if not force and (
+            problem := await gate_problem(conn, adapter, current, evaluation_id, lock=True)
+        ):
             raise problem
         state = await _insert(
             conn, "promote", adapter, _id(current), actor, force, reason, evaluation_id
@@ -305,15 +307,17 @@ async def gate_problem(
     adapter: Adapter,
     current: "ProductionState | None",
     evaluation_id: int | None = None,
+    lock: bool = False,
 ) -> PromotionError | None:
     """Why the gate does not let `adapter` through now, or None. The evaluation is
     `evaluation_id`, or the adapter's latest finished one; it must have passed, not be
-    rejected, and have compared the adapter with the production that is current."""
+    rejected, and have compared the adapter with the production that is current. With
+    `lock`, a reviewer's reject waits for the switch (and then finds it production)."""
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
             "SELECT id, decision, review, production_id FROM evaluations WHERE adapter_id = %s"
             " AND status = 'succeeded' AND (%s::bigint IS NULL OR id = %s)"
-            " ORDER BY id DESC LIMIT 1",
+            " ORDER BY id DESC LIMIT 1" + (" FOR SHARE" if lock else ""),
             (adapter.id, evaluation_id, evaluation_id),
         )
         evaluation = await cur.fetchone()

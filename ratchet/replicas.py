@@ -10,8 +10,9 @@ loaded again *before* it is marked ready: existing vLLM deployments serve 404s a
 a replica restarts because nobody reloads its runtime-loaded adapters.
 
 Requests go round-robin over the ready replicas. A replica that refuses a request
-is marked down and the request moves to the next one; a request waiting on a
-replica that the checks then find hung moves too, when another replica is ready.
+takes no new ones until its next check, and the request moves to the next replica;
+a request waiting on a replica that the checks then find hung moves too, when
+another replica is ready.
 """
 
 import asyncio
@@ -89,6 +90,15 @@ class Replica:
         self.loaded.clear()
         self.last_error = error
         self.gone.set()
+
+    def out(self, error: str) -> None:
+        """One request failed on it: no new requests until its next check says it is
+        fine. Requests already running on it carry on (only the checks, which look at
+        the replica itself, set `gone`)."""
+        if self.ready:
+            log.warning("engine %s out of rotation until its next check: %s", self.url, error)
+        self.ready = False
+        self.last_error = error
 
     def up(self) -> None:
         self.ready, self.last_error, self.misses = True, None, 0
@@ -322,11 +332,11 @@ class EngineSet:
             except EngineTimeout as exc:
                 # Out of rotation like a refusal, but not repeated elsewhere: a call
                 # that ran into its total timeout would only do so again.
-                replica.down(str(exc))
+                replica.out(str(exc))
                 self.events.replica_ready(replica.url, False)
                 raise
             except EngineUnavailable as exc:
-                replica.down(str(exc))
+                replica.out(str(exc))
                 self.events.replica_ready(replica.url, False)
                 continue
             replica.served += 1

@@ -45,6 +45,14 @@ async def review(
                 "review_busy",
             ) from exc
         if verdict == "rejected":
+            current = await promotion.latest(conn)
+            if current is not None and current.adapter and current.adapter.id == adapter.id:
+                raise PromotionError(
+                    f"adapter {adapter.sha256} is production now; roll back instead "
+                    "(POST /v1/admin/rollback)",
+                    409,
+                    "already_production",
+                )
             await registry.set_status(conn, adapter.id, "rejected")
         await evaluations.set_review(conn, evaluation_id, verdict, actor, note)
         await promotion.audit(

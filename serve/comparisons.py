@@ -40,9 +40,16 @@ class ComparisonService:
         for chat in chats:
             self.chat.check(chat)
         targets = [await self.router.resolve(m) for m in models]
-        results = await asyncio.gather(
-            *(self.chat.generate(c, t, key) for c, t in zip(chats, targets, strict=True))
-        )
+        # A task group: if one answer fails, the other's engine call is cancelled too.
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(self.chat.generate(c, t, key))
+                    for c, t in zip(chats, targets, strict=True)
+                ]
+        except ExceptionGroup as failed:
+            raise failed.exceptions[0] from None  # the client sees the first failure
+        results = [task.result() for task in tasks]
         self.rng.shuffle(results)
         (resp_a, rec_a), (resp_b, rec_b) = results
         uid = uuid.uuid4()

@@ -22,8 +22,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from psycopg import OperationalError
-from psycopg_pool import PoolTimeout
+from psycopg import InterfaceError, OperationalError
+from psycopg_pool import PoolClosed, PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from feedback.errors import StorageUnavailable
@@ -207,6 +207,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(EngineError, on_engine)
-    for kind in (StorageUnavailable, OperationalError, PoolTimeout):
+    for kind in (StorageUnavailable, OperationalError, InterfaceError, PoolTimeout, PoolClosed):
         app.add_exception_handler(kind, on_storage)
     app.add_exception_handler(Exception, on_unexpected)

@@ -83,6 +83,7 @@ class Housekeeping:
                 self.gateway_id,
                 set(self.chat.streams),
                 stale_after_s=self.heartbeat_s * STALE_BEATS,
+                max_stream_s=self.chat.total_timeout + 60,
             )
         if swept:
             log.warning("swept %d stream(s) left unfinished to 'aborted'", swept)

@@ -99,6 +99,9 @@ class Relay:
             self.queue.put_nowait(EngineTimeout("the answer took longer than the total timeout"))
         except EngineError as exc:
             self.queue.put_nowait(exc)
+        except Exception as exc:  # whatever it was, the relay must not wait forever
+            log.exception("reading a stream from the engine failed")
+            self.queue.put_nowait(EngineError(f"reading the stream failed: {exc!r}"))
 
     async def events(self) -> AsyncGenerator[bytes, None]:
         producer = asyncio.create_task(self._produce(), name="stream-producer")

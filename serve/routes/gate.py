@@ -14,7 +14,7 @@ from ratchet.keys import ApiKey
 from ratchet.promotion import ProductionState, PromotionError
 from ratchet.registry import Adapter
 from serve.deps import OpsKey, ReviewerKey, Services, ServicesDep
-from serve.errors import APIError, Conflict, NotFound, Unavailable
+from serve.errors import APIError, Conflict, GatewayTimeout, NotFound, Unavailable
 
 router = APIRouter(prefix="/v1/admin", tags=["promotion gate"])
 T = TypeVar("T")
@@ -198,6 +198,10 @@ async def _refusable(awaitable: Awaitable[T]) -> T:
     try:
         return await awaitable
     except PromotionError as exc:
+        if exc.status == 503:
+            raise Unavailable(exc.message, code=exc.code) from exc
+        if exc.status == 504:
+            raise GatewayTimeout(exc.message, code=exc.code) from exc
         error = APIError(exc.message, code=exc.code)
         error.status_code = exc.status
         error.type = "invalid_request_error" if exc.status < 500 else "server_error"

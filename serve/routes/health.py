@@ -1,5 +1,3 @@
-import contextlib
-
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -7,8 +5,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from serve.deps import ServicesDep
 
 router = APIRouter(tags=["operations"])
-# A probe waits this long for fresh replica checks; slower ones finish on their own.
-_RECHECK_WAIT_S = 3.0
 _ROOM_BYTES = 64 << 10  # the spool must have room for a few more answers
 
 
@@ -26,9 +22,7 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     and from the moment a shutdown begins."""
     watch = services.watch
     database = watch.up and await watch.check(timeout=services.settings.db_acquire_timeout_s)
-    engines = services.engines
-    with contextlib.suppress(Exception):  # each replica's own loop retries
-        await engines.reconcile(await services.router.wanted(), wait=_RECHECK_WAIT_S)
+    engines = services.engines  # each replica's own loop keeps this up to date
     replicas = {r.url: r.ready for r in engines.replicas.values()}
     spool = services.answers.spool
     accepting = database or (spool is not None and spool.room_for(_ROOM_BYTES))

@@ -15,6 +15,7 @@ from tests.chaos.conftest import ThrowawayPostgres, chaos_env, report, serve
 from tests.chaos.load import Load, check_stored, unfinished
 from tests.chaos.test_gateway import stream
 from tests.helpers import Engine, Gateway, auth, query
+from tests.serve.test_report_page import report as minimal_report
 
 pytestmark = [pytest.mark.disruptive, pytest.mark.timeout(900)]
 
@@ -46,9 +47,9 @@ def served_by(database_url: str, url: str) -> int:
 
 
 def passed_evaluation(database_url: str, adapter: Adapter) -> int:
-    """A finished, passing evaluation of `adapter` against the production of now (the
-    gate itself is tested in tests/eval)."""
-    return int(
+    """A finished, passing evaluation of `adapter` against the production of now, with a
+    minimal report (the gate itself is tested in tests/eval)."""
+    evaluation_id = int(
         query(
             database_url,
             "INSERT INTO evaluations (adapter_id, status, decision, reasons, finished_at,"
@@ -57,6 +58,10 @@ def passed_evaluation(database_url: str, adapter: Adapter) -> int:
             adapter.id,
         )[0]["id"]
     )
+    shown = minimal_report().model_copy(update={"evaluation_id": evaluation_id})
+    query(database_url, "UPDATE evaluations SET report = %s WHERE id = %s RETURNING id",
+          shown.model_dump_json(), evaluation_id)  # fmt: skip
+    return evaluation_id
 
 
 def test_a_frozen_replica_is_left_within_the_timeouts_and_comes_back(
@@ -183,6 +188,15 @@ def test_approving_a_report_made_against_an_older_production_is_refused(
         after = len(query(pg.url, "SELECT id FROM promotions"))
         review = query(pg.url, "SELECT review FROM evaluations WHERE id = %s", stale)[0]
         body = {"adapter": str(hoped.id), "force": True, "reason": "ops knows"}
+        page = httpx.get(f"{gateway.url}/reports/{stale}", headers=auth(keys["reviewer"]))
+        again = httpx.post(f"{gateway.url}/reports/{stale}/reevaluate",
+                           headers=auth(keys["reviewer"]))  # fmt: skip
+        queued = query(pg.url, "SELECT id, production_id FROM evaluations WHERE status ="
+                       " 'queued' AND adapter_id = %s", hoped.id)  # fmt: skip
+        jobs = query(pg.url, "SELECT args FROM procrastinate_jobs WHERE status = 'todo'")
+        query(pg.url, "DELETE FROM procrastinate_jobs RETURNING id")  # no worker runs here
+        query(pg.url, "UPDATE evaluations SET status = 'failed' WHERE status = 'queued'"
+              " RETURNING id")  # fmt: skip
         forced, _ = post(gateway, "/v1/admin/promotions", keys["ops"], body)
         audit = query(pg.url, "SELECT detail FROM audit ORDER BY id DESC LIMIT 1")[0]["detail"]
         for _ in range(2):  # leave production as it was: the base
@@ -196,6 +210,13 @@ def test_approving_a_report_made_against_an_older_production_is_refused(
     error = approved.json()["error"]
     assert error["code"] == "evaluation_stale" and "force=true" in error["message"], error
     assert after == switches and review["review"] is None  # nothing changed
+    # The page says so, offers no Approve, and "Evaluate again" queues a new evaluation
+    # (row first, then its job) and leads to its page.
+    assert page.status_code == 200 and 'id="stale"' in page.text
+    assert 'id="approve"' not in page.text
+    assert again.status_code == 303 and len(queued) == 1, again.text
+    assert again.headers["location"] == f"/reports/{queued[0]['id']}"
+    assert [j["args"]["evaluation_id"] for j in jobs] == [queued[0]["id"]]
     assert forced.status_code == 201, forced.text
     assert audit["overrode"] == "evaluation_stale"  # the forced promotion says what it overrode
 

@@ -191,6 +191,12 @@ def test_approve_promotes_once_forced_promotion_is_recorded_rollback_walks_back(
     twice = post(gateway, f"/v1/admin/evaluations/{passed}/approve", reviewer_key[1])
     assert twice.status_code == 409 and twice.json()["error"]["code"] == "already_reviewed"
     assert "already approved by" in twice.json()["error"]["message"]
+    # Rejecting another report of the adapter that is production now would leave
+    # production "rejected": refused, roll back instead.
+    late = evaluation(database_url, good["id"], "pass")
+    rejected = post(gateway, f"/v1/admin/evaluations/{late}/reject", reviewer_key[1])
+    assert rejected.status_code == 409, rejected.text
+    assert rejected.json()["error"]["code"] == "already_production"
     assert state(database_url) == before
 
     forced = post(gateway, "/v1/admin/promotions", ops_key[1],
