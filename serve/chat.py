@@ -108,7 +108,7 @@ class ChatService:
         self, request: ChatCompletionRequest, target: Target, key: ApiKey
     ) -> AsyncIterator[bytes]:
         """Start a streamed answer; engine errors raise here, before any byte is sent."""
-        uid = uuid.uuid4()
+        uid, started = uuid.uuid4(), time.perf_counter()
         body = self._engine_body(request, target)
 
         async def open_upstream(
@@ -140,6 +140,7 @@ class ChatService:
             finish=lambda state, status: self._finish(uid, request, state, status),
             spawn=self._spawn,
         )
+        relay.state.started = started  # the latency logged counts the engine's start too
         if self.cutting.is_set():
             relay.cut("server_shutting_down")
         self.streams[uid] = relay
