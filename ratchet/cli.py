@@ -3,7 +3,8 @@
 ratchet serve [--host 127.0.0.1] [--port 8000] [--engine-url URL]
 ratchet model prepare [--force]
 ratchet db migrate
-ratchet keys create --role chat|reviewer|ops [--name NAME]
+ratchet keys create --role chat|reviewer|ops [--name NAME] [--rpm N] [--tpm N]
+                   [--concurrency N] [--candidate]
 ratchet keys revoke KEY_ID
 ratchet keys list
 ratchet adapters register PATH
@@ -142,13 +143,28 @@ def db_migrate() -> None:
 def keys_create(
     role: Annotated[str, typer.Option(help="chat, reviewer or ops.")],
     name: Annotated[str, typer.Option(help="A label for the key.")] = "",
+    rpm: Annotated[
+        int | None, typer.Option(min=1, help="Requests per minute. Default: the setting.")
+    ] = None,
+    tpm: Annotated[
+        int | None,
+        typer.Option(min=1, help="Tokens (prompt + max_tokens) per minute. Default: the setting."),
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, help="Requests in flight. Default: the setting.")
+    ] = None,
+    candidate: Annotated[
+        bool, typer.Option("--candidate", help="May see and call the `candidate` model.")
+    ] = False,
 ) -> None:
     """Create a key and print it once, alone on the last line."""
     if role not in keys.ROLES:
         raise typer.BadParameter(f"must be one of {', '.join(keys.ROLES)}", param_hint="--role")
+    limits = keys.Limits(rpm=rpm, tpm=tpm, concurrency=concurrency)
+    scopes: tuple[keys.Scope, ...] = ("candidate",) if candidate else ()
 
     async def create(conn: psycopg.AsyncConnection) -> tuple[keys.ApiKey, str]:
-        return await keys.create_key(conn, role, name)
+        return await keys.create_key(conn, role, name, limits, scopes)
 
     key, secret = with_db(load_settings(), create)
     typer.echo(f"created {key.role} key {key.id}; it is shown only once:")
@@ -175,12 +191,14 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id.")]) ->
 @keys_app.command("list")
 def keys_list() -> None:
     """List keys (never their secrets)."""
-    table = Table("id", "role", "name", "created", "revoked")
+    table = Table("id", "role", "name", "scopes", "rpm", "tpm", "concurrency", "created", "revoked")
     for key in with_db(load_settings(), keys.list_keys):
         table.add_row(
             str(key.id),
             key.role,
             key.name,
+            ",".join(key.scopes),
+            *(str(v) if v is not None else "default" for v in (key.rpm, key.tpm, key.concurrency)),
             f"{key.created_at:%Y-%m-%d %H:%M}",
             f"{key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "",
         )
@@ -191,22 +209,36 @@ def keys_list() -> None:
 def adapters_register(
     path: Annotated[Path, typer.Argument(help="A PEFT LoRA adapter directory.")],
 ) -> None:
-    """Register an adapter as the new candidate; gateways load it on first use."""
+    """Register an adapter as the new candidate; gateways load it on first use.
+
+    Unlike the API, any path is accepted (whoever runs this is on the machine); the
+    adapter directory must still hold plain files, not symlinks."""
     from ratchet.model import base_model_sha256
 
     settings = load_settings()
     try:
-        sha, stored = registry.store_files(path, settings.adapters_dir)
+        staged = registry.stage_path(path, settings.adapters_dir, settings.adapter_max_bytes)
     except RatchetError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc
+    base_sha = base_model_sha256(settings)
 
     async def register(conn: psycopg.AsyncConnection) -> registry.Adapter:
-        if (known := await registry.get_by_sha(conn, sha)) is not None:
-            return known
-        return await registry.register(conn, sha, stored, base_model_sha256(settings))
+        # The gateways' lock: a registration racing this one never touches its files.
+        async with registry.locked(conn, staged.sha256):
+            if (known := await registry.get_by_sha(conn, staged.sha256)) is not None:
+                return known
+            stored = registry.publish(staged)
+            try:
+                return await registry.register(conn, staged.sha256, stored.path, base_sha)
+            except BaseException:
+                registry.unpublish(stored)
+                raise
 
-    adapter = with_db(settings, register)
+    try:
+        adapter = with_db(settings, register)
+    finally:
+        registry.discard(staged)
     typer.echo(f"{adapter.status} {adapter.engine_name} sha256={adapter.sha256}")
 
 

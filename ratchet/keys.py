@@ -2,6 +2,10 @@
 
 Roles: `chat` (completions, votes, comparisons), `reviewer` (reads and decides
 promotion reports), `ops` (admin endpoints; also allowed everywhere else).
+
+Scopes add to a role: `candidate` lets a chat key see and call the `candidate` model,
+which nobody has evaluated yet (reviewer and ops keys always may). Quotas (`rpm`,
+`tpm`, `concurrency`) live on the key; NULL means the settings' default.
 """
 
 import hashlib
@@ -12,11 +16,14 @@ from typing import Literal
 
 from psycopg import AsyncConnection
 from psycopg.rows import class_row
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 Role = Literal["chat", "reviewer", "ops"]
 ROLES: tuple[Role, ...] = ("chat", "reviewer", "ops")
+Scope = Literal["candidate"]
+SCOPES: tuple[Scope, ...] = ("candidate",)
 _PREFIX = "rk_"
+_COLUMNS = "id, name, role, created_at, revoked_at, rpm, tpm, concurrency, scopes"
 
 
 class ApiKey(BaseModel):
@@ -25,20 +32,51 @@ class ApiKey(BaseModel):
     role: Role
     created_at: datetime
     revoked_at: datetime | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    scopes: list[Scope] = []
+
+    def may_call_candidate(self) -> bool:
+        return self.role in ("reviewer", "ops") or "candidate" in self.scopes
+
+
+class Limits(BaseModel):
+    """A key's quotas as created; None: the settings' default."""
+
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    concurrency: int | None = Field(default=None, ge=1)
 
 
 def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-async def create_key(conn: AsyncConnection, role: Role, name: str = "") -> tuple[ApiKey, str]:
+async def create_key(
+    conn: AsyncConnection,
+    role: Role,
+    name: str = "",
+    limits: Limits | None = None,
+    scopes: tuple[Scope, ...] = (),
+) -> tuple[ApiKey, str]:
     """Create a key; the secret is returned once and never stored."""
     secret = _PREFIX + secrets.token_urlsafe(32)
+    limits = limits or Limits()
     async with conn.cursor(row_factory=class_row(ApiKey)) as cur:
         await cur.execute(
-            "INSERT INTO api_keys (id, name, role, key_sha256) VALUES (%s, %s, %s, %s)"
-            " RETURNING id, name, role, created_at, revoked_at",
-            (uuid.uuid4(), name, role, hash_secret(secret)),
+            "INSERT INTO api_keys (id, name, role, key_sha256, rpm, tpm, concurrency, scopes)"
+            f" VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_COLUMNS}",
+            (
+                uuid.uuid4(),
+                name,
+                role,
+                hash_secret(secret),
+                limits.rpm,
+                limits.tpm,
+                limits.concurrency,
+                list(scopes),
+            ),
         )
         key = await cur.fetchone()
     assert key is not None
@@ -48,8 +86,7 @@ async def create_key(conn: AsyncConnection, role: Role, name: str = "") -> tuple
 async def find_active(conn: AsyncConnection, secret: str) -> ApiKey | None:
     async with conn.cursor(row_factory=class_row(ApiKey)) as cur:
         await cur.execute(
-            "SELECT id, name, role, created_at, revoked_at FROM api_keys"
-            " WHERE key_sha256 = %s AND revoked_at IS NULL",
+            f"SELECT {_COLUMNS} FROM api_keys WHERE key_sha256 = %s AND revoked_at IS NULL",
             (hash_secret(secret),),
         )
         return await cur.fetchone()
@@ -66,7 +103,5 @@ async def revoke(conn: AsyncConnection, key_id: uuid.UUID) -> bool:
 
 async def list_keys(conn: AsyncConnection) -> list[ApiKey]:
     async with conn.cursor(row_factory=class_row(ApiKey)) as cur:
-        await cur.execute(
-            "SELECT id, name, role, created_at, revoked_at FROM api_keys ORDER BY created_at"
-        )
+        await cur.execute(f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at")
         return await cur.fetchall()

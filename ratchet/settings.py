@@ -10,9 +10,8 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -91,6 +90,80 @@ class Settings(BaseSettings):
     )
     gateway_heartbeat_s: float = Field(
         default=5.0, gt=0, description="A gateway's heartbeat; silent 6 beats, it is gone."
+    )
+
+    # --- untrusted clients (see README, "Limits") ---
+    extra_request_fields: list[str] = Field(
+        default_factory=list,
+        description="Chat request fields passed to the engine beyond the OpenAI fields and "
+        "the vLLM sampling extras allowed by default, e.g. ['ignore_eos'].",
+    )
+    default_rpm: int = Field(
+        default=600, ge=1, description="Requests per minute per key, unless the key says."
+    )
+    default_tpm: int = Field(
+        default=400_000, ge=1, description="Tokens (prompt + max_tokens) per minute per key."
+    )
+    default_concurrency: int = Field(
+        default=16, ge=1, description="Requests in flight per key, unless the key says."
+    )
+    max_in_flight: int = Field(
+        default=256, ge=1, description="Requests in flight in one gateway, all keys together."
+    )
+    auth_failures_per_minute: int = Field(
+        default=30, ge=1, description="Failed authentications per client address per minute."
+    )
+    ratelimit_storage: str = Field(
+        default="memory://",
+        description="Where rate-limit counters live (a `limits` storage URI). memory://: each "
+        "gateway counts alone; redis://host:6379: every gateway shares one count.",
+    )
+    votes_per_answer: Literal["owner", "any"] = Field(
+        default="owner",
+        description="owner: only the end user an answer was generated for votes on it (one "
+        "live vote). any: every end user of the answer's key may vote on it.",
+    )
+    votes_per_voter_per_day: int = Field(
+        default=500, ge=1, description="Votes and choices one voter (key, user) casts a day."
+    )
+    max_correction_chars: int = Field(
+        default=8000, ge=1, description="Longest corrected answer a vote may carry."
+    )
+    feedback_token_ttl_s: int = Field(
+        default=7 * 86400, ge=60, description="How long an answer's feedback_token is valid."
+    )
+    token_secret: SecretStr | None = Field(
+        default=None,
+        description="Signs feedback tokens. Unset: a random secret kept in the database, "
+        "shared by every gateway.",
+    )
+    feedback_cors_origins: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="Origins whose pages may post votes and choices with a feedback_token "
+        "(CORS on those two routes only, no cookies). []: none.",
+    )
+    session_ttl_s: float = Field(
+        default=8 * 3600.0, gt=0, description="A reviewer's report session lasts this long."
+    )
+    session_idle_s: float = Field(
+        default=3600.0, gt=0, description="A report session unused this long has ended."
+    )
+    session_cookie_secure: bool = Field(
+        default=False,
+        description="Mark the report session cookie Secure (set when served over HTTPS).",
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins besides the request's own host allowed to post report forms "
+        "(e.g. https://ratchet.example.com behind a proxy).",
+    )
+    adapter_import_roots: list[Path] = Field(
+        default_factory=list,
+        description="Where the API may register adapters from. Unset: <data_dir>/imports. "
+        "The CLI may register any path.",
+    )
+    adapter_max_bytes: int = Field(
+        default=1 << 30, ge=1024, description="Largest adapter (all its files) accepted."
     )
 
     engine_url: str | None = Field(
@@ -241,6 +314,11 @@ class Settings(BaseSettings):
         return self.spool_dir or self.data_dir / "spool"
 
     @property
+    def import_roots(self) -> list[Path]:
+        roots = self.adapter_import_roots or [self.data_dir / "imports"]
+        return [r.expanduser().resolve() for r in roots]
+
+    @property
     def eval_dir(self) -> Path:
         return self.data_dir / "eval"
 
@@ -262,19 +340,43 @@ class Settings(BaseSettings):
         return self.base_model or str(self.default_base_model_dir)
 
     def public_dump(self) -> dict[str, Any]:
-        """The effective settings with secrets masked, for `ratchet config`."""
-        data = self.model_dump(mode="json")
-        if self.database_url:
-            data["database_url"] = mask_url(self.database_url)
-        return data
+        """The effective settings with secrets masked, for `ratchet config`: every
+        string that holds a URL or a DSN, in any field (engine_urls, eval.judge_url,
+        ratelimit_storage, ...), has its credentials masked; SecretStr fields dump as
+        stars already."""
+        masked: dict[str, Any] = _mask_strings(self.model_dump(mode="json"))
+        return masked
+
+
+# Query-string and DSN keys whose value is a credential (libpq's password and
+# sslpassword, redis' password, tokens and keys some services take in the URL).
+_SECRET_KEY = r"[\w.-]*(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key)[\w.-]*"
+_DSN_SECRET = re.compile(rf"(?i)\b({_SECRET_KEY}\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&;]+)")
+_QUERY_SECRET = re.compile(rf"(?i)([?&;]{_SECRET_KEY}=)([^&#;]*)")
+# `user:password@host`: a password written unescaped may hold '@' or '/', so it runs
+# to the last '@' before the query; masking too much beats showing part of it.
+_USERINFO = re.compile(
+    r"(?P<user>[^:@/?#]*):(?P<password>[^?#]*)@(?P<rest>[^@?#]*(?:[?#].*)?)", re.S
+)
 
 
 def mask_url(url: str) -> str:
-    """Replace the password in a URL or key=value DSN with ***, keeping the rest readable."""
+    """Mask the credentials in a URL (`user:pass@`, `?password=`) or a key=value DSN
+    (`password=...`, `sslpassword=...`) with ***, keeping the rest readable."""
     if "://" not in url:
-        return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url)
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
+        return _DSN_SECRET.sub(r"\1***", url)
+    scheme, rest = url.split("://", 1)
+    userinfo = _USERINFO.fullmatch(rest)
+    if userinfo:
+        rest = f"{userinfo['user']}:***@{userinfo['rest']}"
+    return f"{scheme}://" + _QUERY_SECRET.sub(r"\1***", rest)
+
+
+def _mask_strings(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_url(value) if ("://" in value or "=" in value) else value
+    if isinstance(value, dict):
+        return {k: _mask_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask_strings(v) for v in value]
+    return value

@@ -1,8 +1,8 @@
 """Pairwise A/B comparisons: one request, two answers in random order, a blind choice.
 
 By default the two answers come from `production` and `candidate`; with no
-candidate, from two samples of `production`. Which model stood behind `a` and `b`
-is stored in the log, never shown.
+candidate, or for a key without the `candidate` scope, from two samples of
+`production`. Which model stood behind `a` and `b` is stored in the log, never shown.
 """
 
 import asyncio
@@ -33,13 +33,13 @@ class ComparisonService:
         self.rng = rng or random.SystemRandom()
 
     async def create(self, request: ComparisonRequest, key: ApiKey) -> ComparisonResponse:
-        models = await self._contenders()
+        models = await self._contenders(key)
         chats = [
             ChatCompletionRequest(model=m, **request.model_dump(exclude_unset=True)) for m in models
         ]
         for chat in chats:
             self.chat.check(chat)
-        targets = [await self.router.resolve(m) for m in models]
+        targets = [await self.router.resolve(m, key) for m in models]
         # A task group: if one answer fails, the other's engine call is cancelled too.
         try:
             async with asyncio.TaskGroup() as group:
@@ -57,12 +57,16 @@ class ComparisonService:
         await self.chat.answers.comparison(
             rec_a, rec_b, comparison_id=uid, key_id=key.id, end_user=request.user
         )
+        tokens = self.chat.tokens
         return ComparisonResponse(
-            id=COMPARISON_ID.format(uid), a=_answer(resp_a), b=_answer(resp_b)
+            id=COMPARISON_ID.format(uid),
+            a=_answer(resp_a),
+            b=_answer(resp_b),
+            feedback_token=tokens.issue("comparison", uid, key.id) if tokens else None,
         )
 
-    async def _contenders(self) -> tuple[str, str]:
-        listed = {t.public for t in await self.router.available()}
+    async def _contenders(self, key: ApiKey) -> tuple[str, str]:
+        listed = {t.public for t in await self.router.available(key)}
         return (
             ("production", "candidate") if "candidate" in listed else ("production", "production")
         )

@@ -15,11 +15,20 @@ from feedback.errors import StorageUnavailable
 from ratchet import registry
 from ratchet.db import DatabaseWatch, unavailable
 from ratchet.engine import EngineUnavailable
+from ratchet.keys import ApiKey
 from ratchet.registry import Adapter
 from ratchet.replicas import EngineSet
 from serve.errors import NotFound
 
 PUBLIC_MODELS = ("base", "production", "candidate")
+
+
+def _visible(key: ApiKey | None) -> tuple[str, ...]:
+    # `candidate` is an adapter nobody has evaluated yet: only keys with that scope
+    # (and reviewers, ops) see it; for the others it is as unknown as any name.
+    if key is None or key.may_call_candidate():
+        return PUBLIC_MODELS
+    return tuple(n for n in PUBLIC_MODELS if n != "candidate")
 
 
 @dataclass(frozen=True)
@@ -53,10 +62,12 @@ class ModelRouter:
     def invalidate(self) -> None:
         self._expires = 0.0
 
-    async def resolve(self, public: str) -> Target:
-        if public not in PUBLIC_MODELS:
+    async def resolve(self, public: str, key: ApiKey | None = None) -> Target:
+        """`key`: the caller; `candidate` exists only for keys that may call it."""
+        names = _visible(key)
+        if public not in names:
             raise NotFound(
-                f"The model `{public}` does not exist. Use one of: {', '.join(PUBLIC_MODELS)}.",
+                f"The model `{public}` does not exist. Use one of: {', '.join(names)}.",
                 param="model",
                 code="model_not_found",
             )
@@ -72,10 +83,10 @@ class ModelRouter:
             return Target(public, await self.base_name(), None)
         return Target(public, adapter.engine_name, adapter)
 
-    async def available(self) -> list[Target]:
-        """The public models that can be called now, in a stable order."""
+    async def available(self, key: ApiKey | None = None) -> list[Target]:
+        """The public models that can be called now (by `key`), in a stable order."""
         adapters = await self._current()
-        names = [n for n in PUBLIC_MODELS if n != "candidate" or adapters.get("candidate")]
+        names = [n for n in _visible(key) if n != "candidate" or adapters.get("candidate")]
         base = await self.base_name()
         return [Target(n, a.engine_name if (a := adapters.get(n)) else base, a) for n in names]
 

@@ -69,17 +69,32 @@ def gateway(gateway_env: dict[str, str], data_dir: Path) -> Iterator[Gateway]:
     """`ratchet serve` supervising the real vLLM engine; started once per session."""
     from tests.helpers import free_port
 
-    engine_port = free_port()
-    env = {**gateway_env, "RATCHET_ENGINE_PORT": str(engine_port)}
-    gw = start_gateway(env, data_dir / "gateway.log")
-    gw.engine_url = f"http://127.0.0.1:{engine_port}"
+    shared = os.environ.get("RATCHET_TEST_ENGINE_URL")
+    if shared:
+        # A development shortcut: several test runs at once share one running engine
+        # (never set in CI; the disruptive tests restart the gateway's own engine).
+        env = {**gateway_env, "RATCHET_ENGINE_URL": shared}
+        gw = start_gateway(env, data_dir / "gateway.log")
+        gw.engine_url = shared
+    else:
+        engine_port = free_port()
+        env = {**gateway_env, "RATCHET_ENGINE_PORT": str(engine_port)}
+        gw = start_gateway(env, data_dir / "gateway.log")
+        gw.engine_url = f"http://127.0.0.1:{engine_port}"
     yield gw
     assert gw.stop() == 0, gw.log()
 
 
 @pytest.fixture(scope="session")
 def chat_key(database_url: str) -> tuple[str, str]:
-    return make_key(database_url, "chat")
+    """A product's key that runs A/B tests: it may call `candidate`."""
+    return make_key(database_url, "chat", scopes=("candidate",))
+
+
+@pytest.fixture(scope="session")
+def plain_chat_key(database_url: str) -> tuple[str, str]:
+    """A chat key with no extra scope: `candidate` does not exist for it."""
+    return make_key(database_url, "chat", "plain")
 
 
 @pytest.fixture(scope="session")

@@ -33,12 +33,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def make_key(conninfo: str, role: keys.Role, name: str = "test") -> tuple[str, str]:
+def make_key(
+    conninfo: str,
+    role: keys.Role,
+    name: str = "test",
+    limits: keys.Limits | None = None,
+    scopes: tuple[keys.Scope, ...] = (),
+) -> tuple[str, str]:
     """Create a key; return (key id, secret)."""
 
     async def create() -> tuple[str, str]:
         async with await psycopg.AsyncConnection.connect(conninfo) as conn:
-            key, secret = await keys.create_key(conn, role, name)
+            key, secret = await keys.create_key(conn, role, name, limits, scopes)
         return str(key.id), secret
 
     return asyncio.run(create())

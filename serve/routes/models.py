@@ -10,9 +10,10 @@ _STARTED = int(time.time())
 
 
 @router.get("/models")
-async def list_models(_: ChatKey, services: ServicesDep) -> ModelList:
-    """The public model names callable now; `candidate` only while one exists."""
-    targets = await services.router.available()
+async def list_models(key: ChatKey, services: ServicesDep) -> ModelList:
+    """The public model names this key may call now; `candidate` only while one exists
+    and only for keys with the `candidate` scope."""
+    targets = await services.router.available(key)
     return ModelList(
         data=[
             ModelCard(
