@@ -59,6 +59,13 @@ class Metrics:
             ["choice"],
             registry=self.registry,
         )
+        self.rate_limited = Counter(
+            "ratchet_rate_limited",
+            "Requests refused with 429, by the limit they were over: requests, tokens, "
+            "concurrency, in_flight or auth_failures.",
+            ["limit"],
+            registry=self.registry,
+        )
 
     def watch(self, answers: AnswerLog, database: DatabaseWatch) -> None:
         """Report the database's state and the spool's, read at each scrape."""
