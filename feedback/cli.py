@@ -61,7 +61,8 @@ def data_export(
 
 @data_app.command("stats")
 def data_stats() -> None:
-    """Votes since the last snapshot, the pairs each rule would yield, top drop reasons."""
+    """Votes since the last snapshot, the pairs each rule would yield, top drop reasons
+    and the top voters."""
     settings = load_settings()
     with migrated_database(settings) as url:
         found = stats(url, settings.pairs)
@@ -83,3 +84,7 @@ def data_stats() -> None:
     for reason, unit, n in found.top_drops():
         drops.add_row(reason, unit, str(n))
     console.print(drops)
+    voters = Table("voter (key / user)", "votes", "share", title="Top voters (votes + choices)")
+    for voter in found.top_voters:
+        voters.add_row(voter.label, str(voter.votes), f"{voter.share:.1%}")
+    console.print(voters)

@@ -4,6 +4,8 @@ FeedbackError
  ├── UnknownCompletion   a vote names a completion that was never logged
  ├── UnknownComparison   a choice names a comparison that does not exist
  ├── AlreadyDecided      a comparison already has a different choice
+ ├── NotTheOwner         a vote or choice names an end user the answer was not for
+ ├── VoteCapExceeded     a voter has cast its votes and choices for the day
  ├── NotEnoughPairs      the votes yield too few pairs for a snapshot
  ├── UnknownSnapshot     no snapshot with this id
  ├── SnapshotCorrupted   a snapshot's files do not match their hashes
@@ -31,6 +33,20 @@ class AlreadyDecided(FeedbackError):
     def __init__(self, comparison_id: str, choice: str) -> None:
         super().__init__(f"comparison {comparison_id} was already decided as {choice!r}")
         self.choice = choice
+
+
+class NotTheOwner(FeedbackError):
+    """The vote or choice names an end user other than the one the answer was for."""
+
+
+class VoteCapExceeded(FeedbackError):
+    """The voter cast `cap` votes and choices in the last 24 hours; retry after
+    `retry_after` seconds, when the oldest of them leaves the window."""
+
+    def __init__(self, cap: int, retry_after: int) -> None:
+        super().__init__(f"this voter cast {cap} votes and choices in the last 24 hours")
+        self.cap = cap
+        self.retry_after = retry_after
 
 
 class NotEnoughPairs(FeedbackError):

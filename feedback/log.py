@@ -10,7 +10,10 @@ the one accepted last), so a crash mid-replay loses and duplicates nothing.
 
 Votes and choices written to the spool cannot be checked against the database, so
 they are taken only for answers and comparisons this gateway gave recently (it
-remembers their ids); others get 503 + Retry-After until the database is back.
+remembers their ids and owners, and checks who may vote as whom the same way);
+others, including those of another key, get 503 + Retry-After until the database is
+back. The voters' day cap is not counted then (it needs the database); the spool
+only holds votes for this gateway's recent answers, one live vote per voter each.
 """
 
 import asyncio
@@ -26,11 +29,13 @@ from typing import Any, TypeVar
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from feedback import comparisons, completions, votes
+from feedback import comparisons, completions, voters, votes
 from feedback.comparisons import Choice
 from feedback.completions import CompletionRecord, CompletionStatus
 from feedback.errors import AlreadyDecided, StorageUnavailable
 from feedback.spool import Entry, Spool, SpoolFile, SpoolFull, read_batch
+from feedback.voters import Caller, Voter, VoteRules
+from feedback.votes import Ballot
 from ratchet.db import DatabaseWatch, unavailable
 
 log = logging.getLogger(__name__)
@@ -41,9 +46,16 @@ RECENT = 200_000
 
 @dataclass
 class VoteReceipt:
+    voter: Voter
     comment: str | None
     correction: str | None
     updated: bool
+
+
+@dataclass
+class _Compared:
+    owner: Voter
+    choice: Choice | None = None
 
 
 @dataclass
@@ -77,8 +89,8 @@ class AnswerLog:
         self.write_timeout = write_timeout
         self.stats = LogStats()
         self.spooling = False
-        self._answers = _Recent()  # completion id -> key id
-        self._comparisons = _Recent()  # comparison id -> choice or None
+        self._answers = _Recent()  # completion id -> its owner (Voter)
+        self._comparisons = _Recent()  # comparison id -> _Compared
         self._replay: asyncio.Task[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------
@@ -116,8 +128,8 @@ class AnswerLog:
 
     async def completion(self, record: CompletionRecord) -> None:
         op = {"op": "completion", "row": record.model_dump(mode="json")}
-        await self._write([op], lambda conn: completions.insert(conn, record))
-        self._answers.remember(record.id, record.key_id)
+        await self._write(lambda conn: completions.insert(conn, record), lambda: [op])
+        self._answers.remember(record.id, voters.owner(record.key_id, record.end_user))
 
     async def finish(
         self,
@@ -139,44 +151,44 @@ class AnswerLog:
             "latency_ms": latency_ms,
         }
         op = {"op": "finish", "id": str(completion_id), **fields}
-        await self._write([op], lambda conn: completions.finish(conn, completion_id, **fields))
+        await self._write(
+            lambda conn: completions.finish(conn, completion_id, **fields), lambda: [op]
+        )
 
-    async def vote(
-        self,
-        *,
-        completion_id: uuid.UUID,
-        rating: int,
-        end_user: str,
-        key_id: uuid.UUID | None,
-        comment: str | None,
-        correction: str | None,
-    ) -> VoteReceipt:
+    async def vote(self, ballot: Ballot, caller: Caller, rules: VoteRules) -> VoteReceipt:
+        """Record a vote; UnknownCompletion, NotTheOwner, VoteCapExceeded as `votes.cast`."""
         at = datetime.now(UTC)
-        args: dict[str, Any] = {
-            "completion_id": completion_id,
-            "rating": rating,
-            "end_user": end_user,
-            "key_id": key_id,
-            "comment": comment,
-            "correction": correction,
-            "at": at,
-        }
 
         async def direct(conn: AsyncConnection) -> VoteReceipt:
-            vote = await votes.upsert(conn, **args)
-            return VoteReceipt(vote.comment, vote.correction, vote.updated_at != vote.created_at)
+            vote = await votes.cast(conn, ballot, caller, rules, at)
+            voter = voters.owner(vote.key_id, vote.end_user)
+            updated = vote.updated_at != vote.created_at
+            return VoteReceipt(voter, vote.comment, vote.correction, updated)
 
-        def check() -> None:
-            if completion_id not in self._answers:
+        def spooled() -> Entry:
+            owner = self._answers.get(ballot.completion_id)
+            voter = voters.resolve(owner, caller, rules.per_answer) if owner is not None else None
+            if voter is None:  # unknown here, or another key's: the same answer
                 raise StorageUnavailable(
                     "The database is unavailable and this answer is not one this gateway "
                     "gave recently, so the vote cannot be checked now; please retry.",
                     code="database_unavailable",
                 )
+            spooled_as.append(voter)
+            op = {
+                "op": "vote",
+                **ballot.model_dump(),
+                "end_user": voter.end_user,
+                "key_id": voter.key_id,
+                "at": at,
+            }
+            return [op]
 
-        op = {"op": "vote", **args}
-        done = await self._write([op], direct, check)
-        return done if done is not None else VoteReceipt(comment, correction, False)
+        spooled_as: list[Voter] = []
+        done = await self._write(direct, spooled)
+        if done is not None:
+            return done
+        return VoteReceipt(spooled_as[0], ballot.comment, ballot.correction, False)
 
     async def comparison(
         self,
@@ -209,44 +221,60 @@ class AnswerLog:
             {"op": "completion", "row": b.model_dump(mode="json")},
             {"op": "comparison", **fields},
         ]
-        await self._write(ops, direct)
-        self._answers.remember(a.id, a.key_id)
-        self._answers.remember(b.id, b.key_id)
-        self._comparisons.remember(comparison_id, None)
+        await self._write(direct, lambda: ops)
+        self._answers.remember(a.id, voters.owner(a.key_id, a.end_user))
+        self._answers.remember(b.id, voters.owner(b.key_id, b.end_user))
+        self._comparisons.remember(comparison_id, _Compared(voters.owner(key_id, end_user)))
 
-    async def choice(self, comparison_id: uuid.UUID, choice: Choice, chooser: str) -> Choice:
-        """Record a choice; UnknownComparison / AlreadyDecided as `comparisons.decide`."""
+    async def choice(
+        self, comparison_id: uuid.UUID, choice: Choice, caller: Caller, rules: VoteRules
+    ) -> Choice:
+        """Record a choice; UnknownComparison, NotTheOwner, AlreadyDecided and
+        VoteCapExceeded as `comparisons.choose`."""
         at = datetime.now(UTC)
 
         async def direct(conn: AsyncConnection) -> Choice:
-            decided = await comparisons.decide(conn, comparison_id, choice, chooser, at)
+            decided = await comparisons.choose(conn, comparison_id, choice, caller, rules, at)
             assert decided.choice is not None
             return decided.choice
 
-        def check() -> None:
-            if comparison_id not in self._comparisons:
+        def spooled() -> Entry:
+            known = self._comparisons.get(comparison_id)
+            voter = (
+                voters.resolve(known.owner, caller, rules.per_answer) if known is not None else None
+            )
+            if known is None or voter is None:
                 raise StorageUnavailable(
                     "The database is unavailable and this comparison is not one this gateway "
                     "made recently, so the choice cannot be checked now; please retry.",
                     code="database_unavailable",
                 )
-            earlier = self._comparisons[comparison_id]
-            if earlier is not None and earlier != choice:
-                raise AlreadyDecided(str(comparison_id), earlier)
+            if known.choice is not None and known.choice != choice:
+                raise AlreadyDecided(str(comparison_id), known.choice)
+            op = {
+                "op": "choice",
+                "id": comparison_id,
+                "choice": choice,
+                "chooser": voter.end_user,
+                "chooser_key_id": voter.key_id,
+                "at": at,
+            }
+            return [op]
 
-        op = {"op": "choice", "id": comparison_id, "choice": choice, "chooser": chooser, "at": at}
-        done = await self._write([op], direct, check)
-        if self._comparisons.get(comparison_id) is None and comparison_id in self._comparisons:
-            self._comparisons.remember(comparison_id, choice)
+        done = await self._write(direct, spooled)
+        known = self._comparisons.get(comparison_id)
+        if known is not None and known.choice is None:
+            known.choice = done or choice
         return done if done is not None else choice
 
     async def _write(
         self,
-        entry: Entry,
         direct: Callable[[AsyncConnection], Awaitable[T]],
-        check: Callable[[], None] | None = None,
+        spooled: Callable[[], Entry],
     ) -> T | None:
-        """Write to the database, or to the spool when it is down (None then)."""
+        """Write to the database, or to the spool when it is down (None then).
+        `spooled` checks what can be checked without the database (raising to refuse)
+        and gives the spool entry."""
         if self.watch.up and not self.spooling:
             try:
                 async with asyncio.timeout(self.write_timeout):
@@ -257,8 +285,7 @@ class AnswerLog:
                 if not (unavailable(exc) or isinstance(exc, TimeoutError)):
                     raise
                 self.watch.failed(exc)
-        if check is not None:
-            check()
+        entry = spooled()
         if self.spool is None:
             self.stats.refused += 1
             raise StorageUnavailable(
@@ -384,7 +411,10 @@ async def apply_op(conn: AsyncConnection, op: dict[str, Any]) -> None:
     elif kind == "choice":
         try:
             at = datetime.fromisoformat(op["at"])
-            await comparisons.decide(conn, uuid.UUID(op["id"]), op["choice"], op["chooser"], at)
+            chooser_key = uuid.UUID(op["chooser_key_id"]) if op.get("chooser_key_id") else None
+            await comparisons.decide(
+                conn, uuid.UUID(op["id"]), op["choice"], op["chooser"], at, chooser_key
+            )
         except AlreadyDecided:
             # Another gateway recorded a different choice first; the first one stands.
             log.warning("spooled choice on %s lost to an earlier one", op["id"])

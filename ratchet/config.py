@@ -29,6 +29,19 @@ class PairSettings(BaseModel):
         default="current",
         description="current: only votes on answers from the production model or the base.",
     )
+    max_voter_share: float = Field(
+        default=0.1,
+        gt=0.0,
+        le=1.0,
+        description="Most of a snapshot's pairs one voter (key, end user) may make; "
+        "1: no cap. Counted against the pairs the other voters make.",
+    )
+    min_voter_pairs: int = Field(
+        default=100,
+        ge=0,
+        description="A voter may always make this many pairs, whatever the share: small "
+        "snapshots from a few honest voters are not cut.",
+    )
 
 
 DEFAULT_TASKS = ["ratchet_arc_easy", "ratchet_arc_challenge", "ratchet_hellaswag", "ratchet_mmlu"]

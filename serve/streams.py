@@ -6,6 +6,9 @@ ends the stream early — the engine dies or falls silent, the gateway shuts dow
 the client gets an error event in OpenAI's streaming shape and the stream ends
 without `[DONE]` (which would claim a whole answer); the row is `aborted` with what
 was said so far. A client that leaves early leaves an `aborted` row too.
+
+The first chunk sent carries the answer's `feedback_token` (see `serve.tokens`), as a
+non-streamed answer does at its top level.
 """
 
 import asyncio
@@ -69,6 +72,7 @@ class Relay:
         include_usage: bool,
         finish: Finish,
         spawn: Callable[[Awaitable[None]], None],
+        feedback_token: str | None = None,
     ) -> None:
         self.lines = lines
         self.close_upstream = close_upstream
@@ -76,6 +80,7 @@ class Relay:
         self.include_usage = include_usage
         self.finish = finish
         self.spawn = spawn
+        self.feedback_token = feedback_token  # sent once, on the first chunk
         self.model_fix = (
             f'"model":"{engine_model}"'.encode(),
             f'"model":"{public_model}"'.encode(),
@@ -140,6 +145,9 @@ class Relay:
                 chunk = json.loads(payload)
                 if self.state.absorb(chunk) and not self.include_usage:
                     continue  # the usage-only chunk we asked for on our own account
+                if self.feedback_token is not None:
+                    chunk["feedback_token"], self.feedback_token = self.feedback_token, None
+                    payload = json.dumps(chunk, separators=(",", ":"))
                 yield b"data: " + payload.encode().replace(*self.model_fix) + b"\n\n"
         finally:
             # No await before the work is handed over: a client that left cancels this

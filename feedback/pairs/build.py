@@ -64,6 +64,7 @@ def _run_rules(
     p = rules.params(settings, production["id"] if production else None)
     steps: list[tuple[str, Callable[[], None]]] = [("answers", lambda: rules.answers(conn, p))]
     steps += [(rule.__name__, partial(rule, conn, p)) for rule in rules.RULES]
+    steps += [("voter_cap", lambda: rules.voter_cap(conn, p))]
     steps += [
         ("merge", lambda: rules.merge(conn, p, snapshot_id)),
         ("kto_rows", lambda: rules.kto_rows(conn, p, snapshot_id)),

@@ -2,8 +2,9 @@
 
 The build first makes `answers` (every answer someone voted on or compared, with its
 net score and, if it may not be used, why) and an empty `candidates` table. Each
-rule below adds candidate pairs; `merge` then drops identical and duplicate pairs,
-splits by prompt hash and keeps the rest. Every dropped row is counted by reason.
+rule below adds candidate pairs; `voter_cap` then limits what one voter made, and
+`merge` drops identical and duplicate pairs, splits by prompt hash and keeps the
+rest. Every dropped row is counted by reason.
 """
 
 from typing import Any
@@ -41,6 +42,8 @@ def params(settings: PairSettings, production_id: Any) -> dict[str, Any]:
         "held_out": round(settings.held_out_fraction * 10000),
         "all_models": settings.models == "all",
         "production": production_id,
+        "voter_share": settings.max_voter_share,
+        "voter_floor": settings.min_voter_pairs,
     }
 
 
@@ -85,7 +88,8 @@ def answers(conn: Connection[Any], p: dict[str, Any]) -> None:
             chosen_text text,  -- only when the chosen text is no logged answer (corrections)
             ch text NOT NULL, rh text NOT NULL,  -- md5 of the normalized texts
             chosen_votes bigint[] NOT NULL, rejected_votes bigint[] NOT NULL,
-            comparison_id uuid, dropped text
+            comparison_id uuid, dropped text,
+            cid bigint GENERATED ALWAYS AS IDENTITY  -- last: the rules insert by position
         ) ON COMMIT DROP
         """
     )
@@ -154,6 +158,65 @@ def thumbs_pairs(conn: Connection[Any], p: dict[str, Any]) -> None:
     )
 
 
+def _pair_key(alias: str) -> str:
+    """SQL: one pair's identity (prompt, chosen text, rejected text), as `merge` sees it."""
+    return f"md5({alias}.prompt_sha256 || ':' || {alias}.ch || ':' || {alias}.rh)"
+
+
+def voter_cap(conn: Connection[Any], p: dict[str, Any]) -> None:
+    """One voter (key, end user) makes at most `max_voter_share` of the snapshot's pairs,
+    counted against the pairs the other voters make (before anything is dropped here),
+    and never fewer than `min_voter_pairs`. A pair is made by every voter behind it:
+    the votes on both answers of a thumbs pair, the vote carrying a correction, the
+    chooser of a comparison. Over the cap, the voter's pairs are dropped in a fixed
+    order (by the hash of the pair) as `voter_cap`, and their answers give no KTO rows
+    either. Voters are namespaced by key, so one key's many end users are many voters:
+    the day cap and the one-vote-per-answer rule bound those."""
+    if p["voter_share"] >= 1:
+        return
+    conn.execute(
+        f"""
+        CREATE TEMP TABLE candidate_voters ON COMMIT DROP AS
+        SELECT c.cid, {_pair_key("c")} AS pair, v.key_id, v.end_user
+        FROM candidates c
+        CROSS JOIN LATERAL unnest(c.chosen_votes || c.rejected_votes) AS u (vote_id)
+        JOIN votes v ON v.id = u.vote_id
+        WHERE c.dropped IS NULL AND c.ch <> c.rh
+        UNION
+        SELECT c.cid, {_pair_key("c")}, x.chooser_key_id, coalesce(x.chooser, '')
+        FROM candidates c JOIN comparisons x ON x.id = c.comparison_id
+        WHERE c.dropped IS NULL AND c.ch <> c.rh
+        """
+    )
+    conn.execute(
+        f"""
+        WITH total AS (
+            SELECT count(DISTINCT {_pair_key("c")}) AS n FROM candidates c
+            WHERE c.dropped IS NULL AND c.ch <> c.rh
+        ), mine AS (
+            SELECT key_id, end_user, count(DISTINCT pair) AS n
+            FROM candidate_voters GROUP BY key_id, end_user
+        ), allowed AS (
+            -- mine <= share * (mine + others)  <=>  mine <= share / (1 - share) * others
+            SELECT m.key_id, m.end_user,
+                   greatest(%(voter_floor)s,
+                            floor(%(voter_share)s / (1 - %(voter_share)s) * (t.n - m.n))) AS cap
+            FROM mine m CROSS JOIN total t
+        ), ranked AS (
+            SELECT cv.cid, a.cap,
+                   dense_rank() OVER (PARTITION BY cv.key_id, cv.end_user
+                                      ORDER BY md5(cv.pair)) AS rank
+            FROM candidate_voters cv
+            JOIN allowed a ON a.key_id IS NOT DISTINCT FROM cv.key_id
+                          AND a.end_user = cv.end_user
+        )
+        UPDATE candidates SET dropped = 'voter_cap'
+        WHERE cid IN (SELECT cid FROM ranked WHERE rank > cap)
+        """,
+        p,
+    )
+
+
 def merge(conn: Connection[Any], p: dict[str, Any], snapshot_id: int) -> None:
     """Drops pairs whose chosen and rejected texts are equal after normalization
     (`identical`) and merges duplicates of one (prompt, chosen, rejected), keeping the
@@ -216,12 +279,17 @@ def merge(conn: Connection[Any], p: dict[str, Any], snapshot_id: int) -> None:
 
 def kto_rows(conn: Connection[Any], p: dict[str, Any], snapshot_id: int) -> None:
     """Unpaired votes for KTO: usable answers with a non-zero net score that are in no
-    pair, labelled by the sign of their score, plus both answers of every `both_bad`
-    comparison as negatives. Split by prompt hash like the pairs."""
+    pair (nor in a pair dropped as `voter_cap`), labelled by the sign of their score,
+    plus both answers of every `both_bad` comparison as negatives. Split by prompt hash
+    like the pairs."""
     conn.execute(
         "CREATE TEMP TABLE paired ON COMMIT DROP AS"
         " SELECT chosen_id AS id FROM kept WHERE chosen_id IS NOT NULL"
         " UNION SELECT rejected_id FROM kept"
+        # what a voter made over the cap is not let in again as KTO rows
+        " UNION SELECT chosen_id FROM candidates"
+        "  WHERE dropped = 'voter_cap' AND chosen_id IS NOT NULL"
+        " UNION SELECT rejected_id FROM candidates WHERE dropped = 'voter_cap'"
     )
     conn.execute(
         f"""

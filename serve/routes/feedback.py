@@ -1,8 +1,28 @@
-from fastapi import APIRouter
+"""Votes and pairwise choices.
 
-from feedback.errors import AlreadyDecided, UnknownComparison, UnknownCompletion
-from serve.deps import ChatKey, ServicesDep
-from serve.errors import Conflict, NotFound
+Either an API key (`Authorization: Bearer <key>`) of the key that received the
+answer (or an ops key), or the answer's `feedback_token` in the body. Who may vote
+as whom: `feedback.voters`.
+"""
+
+import uuid
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request, Response
+
+from feedback.errors import (
+    AlreadyDecided,
+    NotTheOwner,
+    UnknownComparison,
+    UnknownCompletion,
+    VoteCapExceeded,
+)
+from feedback.voters import Caller, VoteRules
+from feedback.votes import Ballot
+from ratchet.keys import ApiKey
+from serve.deps import ChatKey, Services, ServicesDep, requests_window, require
+from serve.errors import Conflict, Forbidden, InvalidRequest, NotFound, TooManyRequests
 from serve.ids import COMPARISON_ID, COMPLETION_ID
 from serve.protocol import (
     ChoiceRequest,
@@ -12,34 +32,56 @@ from serve.protocol import (
     FeedbackRequest,
     FeedbackResponse,
 )
+from serve.quotas import estimate_tokens, quota_headers
+from serve.tokens import Kind
 
 router = APIRouter(prefix="/v1", tags=["feedback"])
+Authorization = Annotated[str | None, Header()]
+# ChatKey's own dependency, called only when no feedback token is sent.
+_chat_key = require("chat").dependency
 
 
 @router.post("/feedback")
 async def give_feedback(
-    request: FeedbackRequest, key: ChatKey, services: ServicesDep
+    request: FeedbackRequest,
+    http: Request,
+    response: Response,
+    services: ServicesDep,
+    authorization: Authorization = None,
 ) -> FeedbackResponse:
-    """Thumbs up/down on an answer; a repeat by the same user replaces the vote."""
+    """Thumbs up/down on an answer; a repeat by the same voter replaces the vote.
+
+    Authenticate with the API key that received the answer (or an ops key), or send
+    the answer's `feedback_token` in the body instead, e.g. from the end user's
+    browser: `{"completion_id": "chatcmpl-…", "rating": "up", "feedback_token":
+    "ft1.…"}`. By default only the end user the answer was generated for votes on it
+    (`user` unset or that user; another user: 403), so an answer has one live vote.
+    Another key's answer is 404, like an unknown id."""
     uid = COMPLETION_ID.parse(request.completion_id)
+    via = _Via(http, response, services, authorization, request.feedback_token)
+    caller = await _caller(via, ("completion", uid), request.user)
     if uid is None:
         raise _unknown_completion(request.completion_id)
+    _check_correction(request.correction, services.settings.max_correction_chars)
+    ballot = Ballot(
+        completion_id=uid,
+        rating=1 if request.rating == "up" else -1,
+        comment=request.comment,
+        correction=request.correction,
+    )
     try:
-        vote = await services.answers.vote(
-            completion_id=uid,
-            rating=1 if request.rating == "up" else -1,
-            end_user=request.user or "",
-            key_id=key.id,
-            comment=request.comment,
-            correction=request.correction,
-        )
+        vote = await services.answers.vote(ballot, caller, _rules(services))
     except UnknownCompletion as exc:
         raise _unknown_completion(request.completion_id) from exc
+    except NotTheOwner as exc:
+        raise _not_owner("answer", exc) from exc
+    except VoteCapExceeded as exc:
+        raise _over_cap(exc) from exc
     services.metrics.votes.labels(request.rating).inc()
     return FeedbackResponse(
         completion_id=request.completion_id,
         rating=request.rating,
-        user=request.user,
+        user=vote.voter.end_user or None,
         comment=vote.comment,
         correction=vote.correction,
         updated=vote.updated,
@@ -48,36 +90,122 @@ async def give_feedback(
 
 @router.post("/comparisons")
 async def create_comparison(
-    request: ComparisonRequest, key: ChatKey, services: ServicesDep
+    request: ComparisonRequest,
+    key: ChatKey,
+    services: ServicesDep,
+    http: Request,
+    response: Response,
 ) -> ComparisonResponse:
-    """Two answers to one request, labelled `a` and `b` in random order."""
-    return await services.comparisons.create(request, key)
+    """Two answers to one request, labelled `a` and `b` in random order.
+
+    Quotas: one of the key's concurrent requests, two engine calls of the gateway's
+    in-flight cap, and the tokens of two answers."""
+    cap = services.settings.max_tokens_cap
+    cost = 2 * estimate_tokens(request.messages, min(request.max_tokens or cap, cap))
+    requests = requests_window(http)
+    admission = await services.quotas.admit(key, cost, calls=2, requests=requests)
+    with admission.slot:
+        created = await services.comparisons.create(request, key)
+    response.headers.update(quota_headers(requests, admission.tokens))
+    return created
 
 
 @router.post("/comparisons/{comparison}/choice")
 async def choose(
-    comparison: str, request: ChoiceRequest, _: ChatKey, services: ServicesDep
+    comparison: str,
+    request: ChoiceRequest,
+    http: Request,
+    response: Response,
+    services: ServicesDep,
+    authorization: Authorization = None,
 ) -> ChoiceResponse:
-    """Record which answer the user preferred; the first decision stands."""
+    """Record which answer the user preferred; the first decision stands.
+
+    Authenticate with the key that made the comparison (or an ops key), or send the
+    comparison's `feedback_token` in the body instead. Who may choose: as for votes."""
     uid = COMPARISON_ID.parse(comparison)
+    via = _Via(http, response, services, authorization, request.feedback_token)
+    caller = await _caller(via, ("comparison", uid), request.user)
     if uid is None:
-        raise NotFound(
-            f"No comparison with id {comparison!r}.", param="id", code="comparison_not_found"
-        )
+        raise _unknown_comparison(comparison)
     try:
-        decided = await services.answers.choice(uid, request.choice, request.user or "")
+        decided = await services.answers.choice(uid, request.choice, caller, _rules(services))
     except UnknownComparison as exc:
-        raise NotFound(
-            f"No comparison with id {comparison!r}.", param="id", code="comparison_not_found"
-        ) from exc
+        raise _unknown_comparison(comparison) from exc
+    except NotTheOwner as exc:
+        raise _not_owner("comparison", exc) from exc
     except AlreadyDecided as exc:
         raise Conflict(
             f"Comparison {comparison} was already decided as {exc.choice!r}.",
             param="choice",
             code="already_decided",
         ) from exc
+    except VoteCapExceeded as exc:
+        raise _over_cap(exc) from exc
     services.metrics.choices.labels(request.choice).inc()
     return ChoiceResponse(id=COMPARISON_ID.format(uid), choice=decided)
+
+
+@dataclass
+class _Via:
+    """How a vote came in: what authenticates it."""
+
+    request: Request
+    response: Response
+    services: Services
+    authorization: str | None
+    token: str | None
+
+
+async def _caller(via: _Via, target: tuple[Kind, uuid.UUID | None], user: str | None) -> Caller:
+    """Who votes: the holder of a feedback token for this very id (acting as the
+    owner; the token, when sent, is what counts), or a chat (or ops) key, checked
+    (and counted) exactly as every other route checks one."""
+    if via.token is not None:
+        grant = via.services.tokens.verify(via.token, *target)
+        return Caller(key_id=grant.key_id, user=user, as_owner=True)
+    key: ApiKey = await _chat_key(
+        request=via.request,
+        response=via.response,
+        services=via.services,
+        authorization=via.authorization,
+    )
+    return Caller(key_id=key.id, ops=key.role == "ops", user=user)
+
+
+def _rules(services: Services) -> VoteRules:
+    settings = services.settings
+    return VoteRules(settings.votes_per_answer, settings.votes_per_voter_per_day)
+
+
+def _check_correction(correction: str | None, cap: int) -> None:
+    if correction is not None and len(correction) > cap:
+        raise InvalidRequest(
+            f"The correction has {len(correction)} characters; at most {cap} are accepted.",
+            param="correction",
+            code="correction_too_long",
+        )
+
+
+def _not_owner(what: str, exc: NotTheOwner) -> Forbidden:
+    return Forbidden(
+        f"This {what} was generated for another end user: {exc}.",
+        param="user",
+        code="not_answer_owner",
+    )
+
+
+def _over_cap(exc: VoteCapExceeded) -> TooManyRequests:
+    return TooManyRequests(
+        f"This voter cast {exc.cap} votes and choices in the last 24 hours, the most "
+        "allowed; nothing was stored.",
+        code="vote_cap_exceeded",
+        retry_after=exc.retry_after,
+    )
+
+
+def _unknown_comparison(value: str) -> NotFound:
+    return NotFound(f"No comparison with id {value!r}.", param="id", code="comparison_not_found")
 
 
 def _unknown_completion(value: str) -> NotFound:

@@ -28,6 +28,7 @@ def chat(gateway: Gateway, key: str, question: str) -> dict[str, object]:
             "max_tokens": 40,
             "temperature": 1.0,
             "messages": [{"role": "user", "content": question}],
+            "user": "e2e",  # the end user who then votes on it
         },
     )
     assert response.status_code == 200, response.text

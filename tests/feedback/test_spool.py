@@ -14,14 +14,19 @@ from typing import Any
 import psycopg
 import pytest
 
-from feedback import completions, votes
+from feedback import completions, voters, votes
 from feedback.completions import CompletionRecord
-from feedback.errors import StorageUnavailable
+from feedback.errors import NotTheOwner, StorageUnavailable
 from feedback.log import AnswerLog, apply_op
 from feedback.spool import Spool, SpoolFile, read_entries
+from feedback.voters import Caller, VoteRules
+from feedback.votes import Ballot
 from ratchet.db import DatabaseWatch, make_pool
 from tests.feedback.conftest import empty
-from tests.helpers import free_port, query
+from tests.helpers import free_port, make_key, query
+
+OPS = Caller(key_id=None, ops=True)  # the answers below were received by no key
+RULES = VoteRules("owner", 500)  # the day cap is not counted while the database is down
 
 
 def record(text: str = "An answer.") -> CompletionRecord:
@@ -92,13 +97,13 @@ def test_writes_while_the_database_is_down_are_replayed_by_the_next_gateway(
     async def while_down() -> None:
         log = await open_log(down_url(), spooled_at)
         await log.completion(answer)  # the database is down: it goes to the spool
-        receipt = await log.vote(completion_id=answer.id, rating=1, end_user="bob",
-                                 key_id=None, comment="good", correction=None)  # fmt: skip
+        ballot = Ballot(completion_id=answer.id, rating=1, comment="good")
+        receipt = await log.vote(ballot, OPS, VoteRules())
         assert receipt.comment == "good" and log.spooling and log.spool is not None
+        assert receipt.voter == voters.owner(None, "alice")  # ops votes as the owner
         assert log.spool.depth == 2
         with pytest.raises(StorageUnavailable):  # not an answer this gateway gave
-            await log.vote(completion_id=uuid.uuid4(), rating=1, end_user="bob",
-                           key_id=None, comment=None, correction=None)  # fmt: skip
+            await log.vote(Ballot(completion_id=uuid.uuid4(), rating=1), OPS, VoteRules())
         # The process dies: its lock goes, its file stays.
         assert log.spool is not None and log.spool.own is not None
         log.spool.own.close()
@@ -118,6 +123,47 @@ def test_writes_while_the_database_is_down_are_replayed_by_the_next_gateway(
     assert [r["output"] for r in rows] == ["Spooled."]
     vote = query(pairs_url, "SELECT rating, comment FROM votes WHERE completion_id = %s", answer.id)
     assert vote == [{"rating": 1, "comment": "good"}]
+
+
+def test_while_down_the_owner_rules_hold_and_the_voters_are_replayed(
+    pairs_url: str, tmp_path: Path
+) -> None:
+    empty(pairs_url)
+    key_id = uuid.UUID(make_key(pairs_url, "chat")[0])
+    other = Caller(key_id=uuid.UUID(make_key(pairs_url, "chat")[0]))
+    answer, a, b = (record(t).model_copy(update={"key_id": key_id}) for t in ("x", "a", "b"))
+    comparison, spooled_at = uuid.uuid4(), tmp_path / "spool"
+
+    async def while_down() -> None:
+        log = await open_log(down_url(), spooled_at)
+        await log.completion(answer)
+        await log.comparison(a, b, comparison_id=comparison, key_id=key_id, end_user="alice")
+        with pytest.raises(StorageUnavailable):  # another key's: the same as unknown here
+            await log.vote(Ballot(completion_id=answer.id, rating=1), other, VoteRules())
+        with pytest.raises(NotTheOwner):
+            await log.vote(
+                Ballot(completion_id=answer.id, rating=1), Caller(key_id, user="bob"), VoteRules()
+            )
+        with pytest.raises(StorageUnavailable):
+            await log.choice(comparison, "a", other, VoteRules())
+        receipt = await log.vote(Ballot(completion_id=answer.id, rating=-1), Caller(key_id), RULES)
+        assert receipt.voter == voters.owner(key_id, "alice")
+        assert await log.choice(comparison, "b", Caller(key_id, user="alice"), RULES) == "b"
+        await close_log(log)
+
+    async def back_up() -> None:
+        log = await open_log(pairs_url, spooled_at)
+        assert await log.flush(timeout=30)
+        await close_log(log)
+
+    asyncio.run(while_down())
+    asyncio.run(back_up())
+    assert query(pairs_url, "SELECT key_id, end_user, rating FROM votes") == [
+        {"key_id": key_id, "end_user": "alice", "rating": -1}
+    ]
+    assert query(pairs_url, "SELECT choice, chooser, chooser_key_id FROM comparisons") == [
+        {"choice": "b", "chooser": "alice", "chooser_key_id": key_id}
+    ]
 
 
 def test_a_full_spool_refuses_and_writes_nothing(tmp_path: Path) -> None:
