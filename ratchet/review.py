@@ -18,6 +18,8 @@ from ratchet.engine import EngineClient
 from ratchet.promotion import Connect, PromotionError
 
 Verdict = Literal["approved", "rejected"]
+# The longest note a reviewer may leave, through the API or the report page's form.
+MAX_NOTE_CHARS = 2000
 
 
 async def review(

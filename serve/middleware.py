@@ -1,5 +1,10 @@
 """Pure ASGI middleware (no per-request task or body copy, unlike BaseHTTPMiddleware)."""
 
+import re
+import secrets
+
+from starlette.datastructures import MutableHeaders
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.errors import PayloadTooLarge, error_response
@@ -72,6 +77,61 @@ class RequestMetrics:
             self.metrics.requests.labels(path, str(status)).inc()
 
 
+class SecurityHeaders:
+    """Headers that keep browsers from misusing any response, the report pages above all.
+
+    Each request gets a fresh CSP nonce in `scope["state"]["csp_nonce"]`; a page puts it
+    on its own <style> blocks, and nothing else inline is allowed: no scripts at all, no
+    style attributes, no framing, forms posting only to this origin. Headers a route
+    already set are left as they are. Report pages (and their JSON and Markdown, which
+    hold the same data) are never stored by caches. FastAPI's API docs pages load Swagger
+    UI and ReDoc from a CDN with an inline script; they hold no data and get no CSP.
+    """
+
+    DOCS = ("/docs", "/docs/oauth2-redirect", "/redoc")
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        nonce = secrets.token_urlsafe(16)
+        scope.setdefault("state", {})["csp_nonce"] = nonce
+        path: str = scope["path"]
+        private = path.startswith("/reports")
+        docs = path in self.DOCS
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in _security_headers(nonce, private):
+                    if name not in headers and not (docs and name == "content-security-policy"):
+                        headers[name] = value
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+def _security_headers(nonce: str, private: bool) -> list[tuple[str, str]]:
+    csp = (
+        f"default-src 'none'; style-src 'nonce-{nonce}'; img-src 'self' data:; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    )
+    headers = [
+        ("content-security-policy", csp),
+        ("x-frame-options", "DENY"),
+        ("x-content-type-options", "nosniff"),
+        # Not no-referrer: with it, browsers send `Origin: null` on a form's POST, and the
+        # report forms' Origin check could not tell our own pages from anyone's.
+        ("referrer-policy", "same-origin"),
+    ]
+    if private:
+        headers.append(("cache-control", "no-store"))
+    return headers
+
+
 def _replay(messages: list[Message], receive: Receive) -> Receive:
     pending = list(messages)
 
@@ -79,3 +139,29 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
         return pending.pop(0) if pending else await receive()
 
     return replay
+
+
+class FeedbackCORS:
+    """CORS for the two routes a browser may call with a `feedback_token` alone (votes
+    and choices), so a chat product on another origin can send thumbs straight from
+    the end user's browser. No cookies are involved (credentials stay off), and every
+    other route answers no cross-origin request."""
+
+    def __init__(self, app: ASGIApp, origins: list[str]) -> None:
+        self.app = app
+        self.cors = CORSMiddleware(
+            app,
+            allow_origins=origins,
+            allow_methods=["POST"],
+            allow_headers=["content-type"],
+            max_age=600,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _FEEDBACK_PATH.fullmatch(scope["path"]):
+            await self.cors(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+_FEEDBACK_PATH = re.compile(r"/v1/feedback|/v1/comparisons/[^/]+/choice")

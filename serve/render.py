@@ -1,5 +1,6 @@
 """A report as a person reads it: an HTML page (with inline SVG charts, no scripts or
-outside assets), Markdown for tickets and chat, or JSON for machines."""
+outside assets, no style attributes: its one <style> block carries the CSP nonce),
+Markdown for tickets and chat, or JSON for machines."""
 
 from html import escape
 from importlib import resources
@@ -9,6 +10,7 @@ from jinja2 import Environment, FunctionLoader, select_autoescape
 from markupsafe import Markup
 
 from ratchet.report import BenchmarkScore, DiffItem, Report
+from ratchet.review import MAX_NOTE_CHARS
 
 Format = Literal["html", "md", "json"]
 # The page shows every changed answer first, then unchanged ones, up to this many.
@@ -28,9 +30,13 @@ def html(
     can_review: bool = False,
     notice: str | None = None,
     stale: str | None = None,
+    csrf: str | None = None,
+    nonce: str = "",
 ) -> str:
     """`stale`: production has changed since the evaluation (what it is now); the page
-    then says so and offers to evaluate again instead of approving."""
+    then says so and offers to evaluate again instead of approving. `csrf`: the signed-in
+    session's token, posted by every form (and with it a Sign out button). `nonce`: the
+    response's CSP nonce, the only way the page's <style> is allowed."""
     template = _env().get_template("report.html")
     return template.render(
         r=report,
@@ -43,6 +49,9 @@ def html(
         and report.decision.decision == "pass",
         stale=stale if report.review.status == "pending" else None,
         notice=notice,
+        csrf=csrf,
+        nonce=nonce,
+        max_note=MAX_NOTE_CHARS,
         pct=pct,
         diff_html=diff_html,
     )

@@ -13,7 +13,7 @@ from ratchet.jobs import defer_evaluation
 from ratchet.keys import ApiKey
 from ratchet.promotion import ProductionState, PromotionError
 from ratchet.registry import Adapter
-from serve.deps import OpsKey, ReviewerKey, Services, ServicesDep
+from serve.deps import OpsKey, ReviewerKey, RowId, Services, ServicesDep
 from serve.errors import APIError, Conflict, GatewayTimeout, NotFound, Unavailable
 
 router = APIRouter(prefix="/v1/admin", tags=["promotion gate"])
@@ -40,7 +40,7 @@ class RollbackRequest(BaseModel):
 class ReviewRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    note: str | None = Field(default=None, max_length=2000)
+    note: str | None = Field(default=None, max_length=reviews.MAX_NOTE_CHARS)
 
 
 class EvaluationView(BaseModel):
@@ -105,7 +105,7 @@ async def list_evaluations(_: ReviewerKey, services: ServicesDep) -> dict[str, A
 
 @router.get("/evaluations/{evaluation_id}")
 async def get_evaluation(
-    evaluation_id: int, _: ReviewerKey, services: ServicesDep
+    evaluation_id: RowId, _: ReviewerKey, services: ServicesDep
 ) -> EvaluationView:
     """One evaluation with its full report (JSON) once it has finished."""
     async with services.pool.connection() as conn:
@@ -116,7 +116,7 @@ async def get_evaluation(
 
 @router.post("/evaluations/{evaluation_id}/approve")
 async def approve(
-    evaluation_id: int, key: ReviewerKey, services: ServicesDep, body: ReviewRequest | None = None
+    evaluation_id: RowId, key: ReviewerKey, services: ServicesDep, body: ReviewRequest | None = None
 ) -> EvaluationView:
     """Approve a passed report: its adapter is promoted at once."""
     done = await decide(services, evaluation_id, key, "approved", body.note if body else None)
@@ -125,7 +125,7 @@ async def approve(
 
 @router.post("/evaluations/{evaluation_id}/reject")
 async def reject(
-    evaluation_id: int, key: ReviewerKey, services: ServicesDep, body: ReviewRequest | None = None
+    evaluation_id: RowId, key: ReviewerKey, services: ServicesDep, body: ReviewRequest | None = None
 ) -> EvaluationView:
     done = await decide(services, evaluation_id, key, "rejected", body.note if body else None)
     return _view(done)

@@ -9,7 +9,6 @@ chosen and rejected swapped must fail the gate, with reasons naming the criteria
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ from ratchet import registry
 from ratchet.hashing import adapter_sha256
 from ratchet.registry import TRAINING_CARD as CARD
 from ratchet.settings import Settings
+from tests.browser import CHROMIUM_ARGS, chromium
 from tests.helpers import RATCHET, ROOT, Gateway, auth, query
 
 TOPICS = [
@@ -113,6 +113,7 @@ def loop(
                 "temperature": 0,
                 "max_tokens": 40,
                 "messages": [{"role": "user", "content": f"Tell me about {topic}."}],
+                "user": "coach",  # the end user who then votes on it
             },
         ).json()
         correction = f"{STYLE} {topic} are interesting, and that is all there is to say."
@@ -258,7 +259,8 @@ def test_the_report_in_a_browser_approve_then_rollback(
         browser = pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(f"{gateway.url}/reports/{evaluation_id}")
-        page.fill("#key", reviewer_key[1])  # the sign-in form; the key goes into a cookie
+        # The sign-in form: a server-side session starts, its id (not the key) in a cookie.
+        page.fill("#key", reviewer_key[1])
         page.click("#sign-in")
         page.wait_for_selector("#decision")
         assert page.inner_text("#decision") == "PASS"
@@ -293,15 +295,3 @@ def test_the_report_in_a_browser_approve_then_rollback(
     assert back.status_code == 201 and back.json()["adapter"] is None, back.text
     time.sleep(Settings().registry_cache_seconds + 0.2)
     assert [ask(gateway, chat_key[1], "production", t) for t in topics] == before
-
-
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-]  # fmt: skip
-
-
-def chromium() -> str:
-    found = shutil.which("chromium")
-    assert found, "Debian's chromium is needed for the report test: `make install` adds it"
-    return found

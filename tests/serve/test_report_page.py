@@ -1,9 +1,12 @@
-"""A report made against an older production says so, and offers a new evaluation
-instead of an Approve button."""
+"""The report page as rendered: a report made against an older production says so and
+offers a new evaluation instead of an Approve button; every form carries the session's
+CSRF token; nothing inline needs more than the CSP's nonce."""
 
+import re
 from datetime import UTC, datetime
 
 from ratchet.report import Decision, DiffSummary, ModelRef, Report
+from ratchet.review import MAX_NOTE_CHARS
 from serve import render
 
 
@@ -41,3 +44,20 @@ def test_a_decided_report_is_not_called_stale() -> None:
     decided.review.status = "approved"
     page = render.html(decided, can_review=True, stale="ratchet-newprod")
     assert 'id="stale"' not in page
+
+
+def test_every_form_carries_the_csrf_token_and_the_page_needs_no_inline_style() -> None:
+    current = render.html(report(), can_review=True, csrf="tok123", nonce="n0nce")
+    stale = render.html(report(), can_review=True, stale="ratchet-newprod", csrf="tok123")
+    for page in (current, stale):
+        forms = re.findall(r"<form\b.*?</form>", page, flags=re.S)
+        assert len(forms) == 2  # a decision (or evaluate again), and Sign out
+        assert all('<input type="hidden" name="csrf" value="tok123">' in f for f in forms)
+        assert " style=" not in page  # the CSP allows only the nonced <style> block
+    assert '<style nonce="n0nce">' in current and 'id="sign-out"' in current
+    assert f'maxlength="{MAX_NOTE_CHARS}"' in current
+
+
+def test_without_a_session_there_is_no_sign_out() -> None:
+    page = render.html(report(), can_review=True)
+    assert 'id="sign-out"' not in page and 'name="csrf"' not in page
