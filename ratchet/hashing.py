@@ -5,10 +5,13 @@ the same files give the same hash wherever they are copied to.
 """
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 _CHUNK = 1 << 20
+# What defines a PEFT LoRA, and so its identity. Weights only as safetensors: a
+# pickled adapter_model.bin runs code when it is loaded.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def sha256_file(path: Path) -> str:
@@ -21,9 +24,15 @@ def sha256_file(path: Path) -> str:
 
 def sha256_files(root: Path, files: Iterable[Path]) -> str:
     """Hash of (relative name, content hash) for each file, in sorted name order."""
+    rels = (f.relative_to(root).as_posix() for f in files)
+    return sha256_named({rel: sha256_file(root / rel) for rel in rels})
+
+
+def sha256_named(file_hashes: Mapping[str, str]) -> str:
+    """`sha256_files` from content hashes already computed: {relative name: hex digest}."""
     digest = hashlib.sha256()
-    for rel in sorted(f.relative_to(root).as_posix() for f in files):
-        digest.update(rel.encode() + b"\0" + sha256_file(root / rel).encode() + b"\n")
+    for rel in sorted(file_hashes):
+        digest.update(rel.encode() + b"\0" + file_hashes[rel].encode() + b"\n")
     return digest.hexdigest()
 
 
@@ -37,9 +46,5 @@ def weights_sha256(model_dir: Path) -> str:
 
 def adapter_sha256(adapter_dir: Path) -> str:
     """Hash of everything that defines a PEFT adapter: its config and its weights."""
-    files = [p for p in adapter_dir.iterdir() if p.is_file() and _is_adapter_file(p.name)]
+    files = [adapter_dir / name for name in ADAPTER_FILES if (adapter_dir / name).is_file()]
     return sha256_files(adapter_dir, files)
-
-
-def _is_adapter_file(name: str) -> bool:
-    return name == "adapter_config.json" or name.startswith("adapter_model.")

@@ -1,6 +1,5 @@
 import asyncio
 import contextlib
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -8,7 +7,7 @@ from fastapi import APIRouter
 
 from ratchet import registry
 from ratchet.engine import EngineClient, EngineRejected, EngineUnavailable
-from ratchet.registry import Adapter, AdapterError
+from ratchet.registry import Adapter, AdapterError, Staged
 from serve.deps import OpsKey, Services, ServicesDep
 from serve.errors import Conflict, InvalidRequest
 from serve.protocol import AdapterRegisterRequest
@@ -39,58 +38,65 @@ async def list_engines(_: OpsKey, services: ServicesDep) -> dict[str, Any]:
 async def register_adapter(
     request: AdapterRegisterRequest, _: OpsKey, services: ServicesDep
 ) -> Adapter:
-    """Register a PEFT LoRA directory as the new `candidate`, loading it into the engine."""
-    source = Path(request.path)
+    """Register a PEFT LoRA directory from under an import root (setting
+    adapter_import_roots) as the new `candidate`, loading it into the engine."""
+    settings = services.settings
     try:
-        config = registry.check_adapter_dir(source)
+        staged = await asyncio.to_thread(
+            registry.stage_import,
+            request.path,
+            settings.import_roots,
+            settings.adapters_dir,
+            settings.adapter_max_bytes,
+        )
     except AdapterError as exc:
-        raise InvalidRequest(str(exc), param="path", code="invalid_adapter") from exc
-    rank = int(config["r"])
-    if rank > services.settings.engine_max_lora_rank:
-        raise InvalidRequest(
-            f"adapter rank {rank} is over the engine's max_lora_rank "
-            f"{services.settings.engine_max_lora_rank}",
-            param="path",
-            code="invalid_adapter",
-        )
-    # One registration at a time: two racing copies of one adapter must not delete
-    # each other's files.
-    async with _REGISTERING:
-        return await _register(source, services)
-
-
-_REGISTERING = asyncio.Lock()
-
-
-async def _register(source: Path, services: Services) -> Adapter:
-    adapters_dir = services.settings.adapters_dir
-    sha, stored = await asyncio.to_thread(registry.store_files, source, adapters_dir)
-    async with services.pool.connection() as conn:
-        known = await registry.get_by_sha(conn, sha)
-    if known is not None:
-        raise Conflict(
-            f"adapter {sha} is already registered (status {known.status}).",
-            param="path",
-            code="adapter_exists",
-        )
-    name = registry.engine_name_for(sha)
-    engines = services.engines.reachable()
+        raise InvalidRequest(str(exc), param="path", code=exc.code) from exc
     try:
-        if not engines:
-            raise EngineUnavailable("no engine replica is reachable to load the adapter into")
-        for engine in engines:
-            await _load(engine, name, stored)
-        async with services.pool.connection() as conn:
-            adapter = await registry.register(
-                conn, sha, stored, services.base_model_sha256, source="api"
+        rank = int(staged.config["r"])
+        if rank > settings.engine_max_lora_rank:
+            raise InvalidRequest(
+                f"adapter rank {rank} is over the engine's max_lora_rank "
+                f"{settings.engine_max_lora_rank}",
+                param="path",
+                code="invalid_adapter",
             )
-    except BaseException:
-        # Not registered: leave neither files nor a loaded adapter behind.
-        shutil.rmtree(stored, ignore_errors=True)
-        for engine in engines:
-            with contextlib.suppress(Exception):
-                await engine.unload_adapter(name)
-        raise
+        return await _register(staged, services)
+    finally:
+        await asyncio.to_thread(registry.discard, staged)
+
+
+async def _register(staged: Staged, services: Services) -> Adapter:
+    sha = staged.sha256
+    name = registry.engine_name_for(sha)
+    # Under the hash's lock, shared with other gateways and the CLI, until the row is
+    # committed: whoever comes second sees the first one's row and never touches its
+    # files.
+    async with services.pool.connection() as conn, registry.locked(conn, sha):
+        known = await registry.get_by_sha(conn, sha)
+        if known is not None:
+            raise Conflict(
+                f"adapter {sha} is already registered (status {known.status}).",
+                param="path",
+                code="adapter_exists",
+            )
+        stored = await asyncio.to_thread(registry.publish, staged)
+        engines = services.engines.reachable()
+        try:
+            if not engines:
+                raise EngineUnavailable("no engine replica is reachable to load the adapter into")
+            for engine in engines:
+                await _load(engine, name, stored.path)
+            adapter = await registry.register(
+                conn, sha, stored.path, services.base_model_sha256, source="api"
+            )
+        except BaseException:
+            # Not registered (the row goes with the transaction): leave no loaded
+            # adapter behind, and no files, if this registration put them there.
+            for engine in engines:
+                with contextlib.suppress(Exception):
+                    await engine.unload_adapter(name)
+            await asyncio.to_thread(registry.unpublish, stored)
+            raise
     services.router.invalidate()
     return adapter
 

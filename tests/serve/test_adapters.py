@@ -35,8 +35,9 @@ def answer(gateway: Gateway, key: str, model: str) -> httpx.Response:
 
 
 @pytest.fixture(scope="module")
-def lora_dir(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_lora(base_model_dir, tmp_path_factory.mktemp("lora"), seed=1)
+def lora_dir(base_model_dir: Path, data_dir: Path) -> Path:
+    # The API registers only from under the import root, <data_dir>/imports.
+    return make_lora(base_model_dir, data_dir / "imports" / "lora", seed=1)
 
 
 def test_candidate_answers_differ_from_base_without_restart(
@@ -125,13 +126,14 @@ def test_bad_adapters_are_refused_and_leave_nothing(
     lora_dir: Path,
     database_url: str,
     data_dir: Path,
-    tmp_path: Path,
 ) -> None:
-    broken = tmp_path / "broken"
+    bad = data_dir / "imports" / "bad"
+    bad.mkdir(parents=True)
+    broken = bad / "broken"
     broken.mkdir()
     (broken / "adapter_config.json").write_text((lora_dir / "adapter_config.json").read_text())
     (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
-    too_big = tmp_path / "rank128"
+    too_big = bad / "rank128"
     too_big.mkdir()
     config = json.loads((lora_dir / "adapter_config.json").read_text())
     (too_big / "adapter_config.json").write_text(json.dumps({**config, "r": 128}))
@@ -140,14 +142,14 @@ def test_bad_adapters_are_refused_and_leave_nothing(
     )
     odd = []
     for i, bad_config in enumerate(([1, 2], {**config, "r": 8.0}, {**config, "r": None})):
-        path = tmp_path / f"odd{i}"
+        path = bad / f"odd{i}"
         path.mkdir()
         (path / "adapter_config.json").write_text(json.dumps(bad_config))
         (path / "adapter_model.safetensors").write_bytes(b"x")
         odd.append(path)
     stored_before = sorted(p.name for p in (data_dir / "adapters").iterdir())
     before = counts(database_url)
-    for path in (tmp_path / "missing", tmp_path, broken, too_big, *odd):
+    for path in (bad / "missing", bad, broken, too_big, *odd):
         response = register_adapter(gateway, ops_key[1], path)
         assert response.status_code == 400, response.text
         assert response.json()["error"]["code"] == "invalid_adapter"

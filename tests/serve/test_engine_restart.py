@@ -20,9 +20,9 @@ def test_dead_engine_is_restarted_and_adapters_come_back(
     chat_key: tuple[str, str],
     ops_key: tuple[str, str],
     base_model_dir: Path,
-    tmp_path: Path,
+    data_dir: Path,
 ) -> None:
-    lora = make_lora(base_model_dir, tmp_path / "lora", seed=2)
+    lora = make_lora(base_model_dir, data_dir / "imports" / "restart-lora", seed=2)
     registered = register_adapter(gateway, ops_key[1], lora)
     assert registered.status_code == 201, registered.text
     chat = {"model": "candidate", **GREEDY}

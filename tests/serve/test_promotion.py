@@ -77,13 +77,13 @@ def adapters(
     gateway: Gateway,
     ops_key: tuple[str, str],
     base_model_dir: Path,
-    tmp_path_factory: pytest.TempPathFactory,
+    data_dir: Path,
     database_url: str,
 ) -> Iterator[list[dict[str, str]]]:
     """Two registered LoRAs; production is the base again afterwards."""
     made = []
     for seed in (11, 12):
-        path = make_lora(base_model_dir, tmp_path_factory.mktemp(f"promo-{seed}"), seed=seed)
+        path = make_lora(base_model_dir, data_dir / "imports" / f"promo-{seed}", seed=seed)
         response = register_adapter(gateway, ops_key[1], path)
         assert response.status_code == 201, response.text
         made.append(response.json())

@@ -85,7 +85,7 @@ def check_consistency(
 ) -> None:
     first, second = engines
     base_answer = ask(gateway, chat)
-    lora = make_lora(base_model_dir, tmp_path / "lora", seed=11)
+    lora = make_lora(base_model_dir, tmp_path / "data" / "imports" / "lora", seed=11)
     registered = register_adapter(gateway, ops, lora)
     assert registered.status_code == 201, registered.text
     name = registered.json()["engine_name"]
