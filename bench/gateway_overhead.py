@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ratchet.db import database_url  # noqa: E402
+from ratchet.keys import Limits  # noqa: E402
 from ratchet.model import prepare_default  # noqa: E402
 from ratchet.settings import Settings  # noqa: E402
 from tests.helpers import free_port, make_key, start_gateway  # noqa: E402
@@ -126,12 +127,16 @@ def main() -> None:
         from ratchet.migrate import migrate
 
         migrate(conninfo)
-        _, KEY = make_key(conninfo, "chat", "bench")
+        # The gateway's cost is measured, not its quotas: the key has none that bind.
+        unlimited = Limits(rpm=10_000_000, tpm=10_000_000_000, concurrency=10_000)
+        _, KEY = make_key(conninfo, "chat", "bench", unlimited)
         engine_port = free_port()
         env = {
             "RATCHET_DATA_DIR": str(settings.data_dir),
             "RATCHET_ENGINE_PORT": str(engine_port),
             "RATCHET_BASE_MODEL": str(model_dir),
+            # Both sides generate exactly max_tokens: ignore_eos, which ops must allow.
+            "RATCHET_EXTRA_REQUEST_FIELDS": '["ignore_eos"]',
         }
         if not os.environ.get("DATABASE_URL"):
             env["DATABASE_URL"] = conninfo

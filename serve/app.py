@@ -7,7 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from procrastinate import App as JobApp
 from psycopg_pool import AsyncConnectionPool
 
@@ -27,10 +27,13 @@ from serve.comparisons import ComparisonService
 from serve.deps import Services
 from serve.lifecycle import Housekeeping, Shutdown
 from serve.metrics import Metrics
-from serve.middleware import BodyLimit, RequestMetrics
+from serve.middleware import BodyLimit, FeedbackCORS, RequestMetrics, SecurityHeaders
+from serve.protocol import clean_body
+from serve.quotas import Quotas
 from serve.routes import admin, chat, datasets, feedback, gate, health, models, reports, runs
 from serve.routing import ModelRouter
 from serve.supervisor import EngineSupervisor
+from serve.tokens import FeedbackTokens, load_secret
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,10 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Where ops put adapters for `POST /v1/admin/adapters` (the API takes no others).
+        for root in settings.import_roots:
+            with contextlib.suppress(OSError):
+                root.mkdir(parents=True, exist_ok=True)
         pool = make_pool(
             conninfo,
             settings.db_pool_max,
@@ -87,6 +94,7 @@ def create_app(
             supervisor,
             await asyncio.to_thread(base_model_sha256, settings),
             jobs,
+            FeedbackTokens(await load_secret(settings, pool), settings.feedback_token_ttl_s),
         )
         app.state.services = services
         services.answers.open()
@@ -103,12 +111,21 @@ def create_app(
         finally:
             await _stop(services, supervisor)
 
-    app = FastAPI(title="Ratchet", version=ratchet.__version__, lifespan=lifespan)
+    # clean_body: no route's model can let NUL, lone surrogates or NaN through.
+    app = FastAPI(
+        title="Ratchet",
+        version=ratchet.__version__,
+        lifespan=lifespan,
+        dependencies=[Depends(clean_body)],
+    )
     errors.install(app)
     for module in (chat, models, feedback, admin, datasets, runs, gate, reports, health):
         app.include_router(module.router)
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    if settings.feedback_cors_origins:
+        app.add_middleware(FeedbackCORS, origins=settings.feedback_cors_origins)
+    app.add_middleware(SecurityHeaders)  # outermost: on every answer, a 413 too
     return app
 
 
@@ -160,6 +177,7 @@ def _services(
     supervisor: EngineSupervisor | None,
     base_sha: str | None,
     jobs: JobApp,
+    tokens: FeedbackTokens,
 ) -> Services:
     gateway_id = uuid.uuid4()
     grace = settings.db_outage_grace_s
@@ -172,10 +190,13 @@ def _services(
         router=router,
         metrics=metrics,
         max_tokens_cap=settings.max_tokens_cap,
+        extra_request_fields=settings.extra_request_fields,
         base_model_sha256=base_sha,
         gateway_id=gateway_id,
         total_timeout=settings.engine_timeout_s,
+        tokens=tokens,
     )
+    quotas = Quotas(settings, metrics)
     return Services(
         settings=settings,
         conninfo=conninfo,
@@ -183,11 +204,13 @@ def _services(
         watch=watch,
         engines=engines,
         router=router,
-        auth=Authenticator(pool, settings.auth_cache_seconds, watch, grace),
+        auth=Authenticator(pool, settings.auth_cache_seconds, watch, grace, throttle=quotas),
+        quotas=quotas,
         metrics=metrics,
         answers=answers,
         chat=chat_service,
         comparisons=ComparisonService(chat_service, router),
+        tokens=tokens,
         supervisor=supervisor,
         base_model_sha256=base_sha,
         jobs=jobs,

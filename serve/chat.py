@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Collection
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
@@ -21,12 +21,13 @@ from feedback.log import AnswerLog
 from ratchet.engine import EngineClient
 from ratchet.keys import ApiKey
 from ratchet.replicas import EngineSet
-from serve.errors import InvalidRequest, Unavailable
+from serve.errors import APIError, InvalidRequest, Unavailable, error_event
 from serve.ids import COMPLETION_ID
 from serve.metrics import Metrics
 from serve.protocol import ChatCompletionRequest
 from serve.routing import ModelRouter, Target
 from serve.streams import Relay, StreamState
+from serve.tokens import FeedbackTokens
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,6 +46,8 @@ class ChatService:
         base_model_sha256: str | None,
         gateway_id: uuid.UUID | None = None,
         total_timeout: float = 600.0,
+        tokens: FeedbackTokens | None = None,
+        extra_request_fields: Collection[str] = (),
     ) -> None:
         self.answers = answers
         self.engines = engines
@@ -54,12 +57,16 @@ class ChatService:
         self.base_model_sha256 = base_model_sha256
         self.gateway_id = gateway_id
         self.total_timeout = total_timeout
+        self.tokens = tokens  # None: answers carry no feedback_token
+        # Fields ops let through to the engine beyond the declared ones (settings).
+        self.extra_request_fields = frozenset(extra_request_fields)
         self.streams: dict[uuid.UUID, Relay] = {}
         self.cutting = asyncio.Event()  # set when the shutdown grace period is over
         self._background: set[asyncio.Future[None]] = set()
 
     def check(self, request: ChatCompletionRequest) -> None:
         """Refuse what the engine must never see; called before any work is done."""
+        request.check_fields(self.extra_request_fields)
         for name in ("max_tokens", "max_completion_tokens"):
             value = getattr(request, name)
             if value is not None and value > self.max_tokens_cap:
@@ -102,6 +109,8 @@ class ChatService:
     ) -> dict[str, Any]:
         response, record = await self.generate(request, target, key)
         await self.answers.completion(record)
+        if self.tokens is not None:  # only once the answer is logged and can be voted on
+            response["feedback_token"] = self.tokens.issue("completion", record.id, key.id)
         return response
 
     async def open_stream(
@@ -139,6 +148,7 @@ class ChatService:
             include_usage=bool(request.stream_options and request.stream_options.include_usage),
             finish=lambda state, status: self._finish(uid, request, state, status),
             spawn=self._spawn,
+            feedback_token=self.tokens.issue("completion", uid, key.id) if self.tokens else None,
         )
         relay.state.started = started  # the latency logged counts the engine's start too
         if self.cutting.is_set():
@@ -151,6 +161,10 @@ class ChatService:
         try:
             async for event in events:
                 yield event
+        except Exception:
+            # The 200 and its headers are sent: an error can only be the last event.
+            log.exception("a streamed answer failed")
+            yield error_event(APIError("The answer failed mid-stream.", code="stream_failed"))
         finally:
             self.streams.pop(uid, None)
             # Leaving a loop does not close the generator it read: close it now, so
@@ -198,11 +212,22 @@ class ChatService:
                 request.model, True, latency, state.prompt_tokens, state.completion_tokens
             )
 
+    def _allowed_fields(self, request: ChatCompletionRequest) -> dict[str, Any]:
+        """The fields that may reach the engine and the log: the declared ones and those
+        ops allowed. `check` refused any other; dropping them here too keeps the
+        allow-list whole should a caller ever skip it."""
+        allowed = ChatCompletionRequest.model_fields.keys() | self.extra_request_fields
+        fields = request.model_dump(exclude_unset=True, exclude_none=True)
+        return {k: v for k, v in fields.items() if k in allowed}
+
     def _engine_body(self, request: ChatCompletionRequest, target: Target) -> dict[str, Any]:
-        body = request.model_dump(exclude_unset=True, exclude_none=True)
+        body = self._allowed_fields(request)
         body["model"] = target.engine_model
         if request.max_tokens is None and request.max_completion_tokens is None:
             body["max_tokens"] = self.max_tokens_cap
+        # Ours, not the client's: usage for the log when streamed; none otherwise (vLLM
+        # refuses stream_options without stream, and include_obfuscation is OpenAI's).
+        body.pop("stream_options", None)
         if request.stream:
             body["stream_options"] = {"include_usage": True}
         return body
@@ -217,11 +242,7 @@ class ChatService:
         stream: bool,
     ) -> CompletionRecord:
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
-        params = {
-            k: v
-            for k, v in request.model_dump(exclude_unset=True, exclude_none=True).items()
-            if k not in _NOT_PARAMS
-        }
+        params = {k: v for k, v in self._allowed_fields(request).items() if k not in _NOT_PARAMS}
         params.setdefault("max_tokens", request.max_completion_tokens or self.max_tokens_cap)
         adapter = target.adapter
         return CompletionRecord(

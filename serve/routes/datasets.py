@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from feedback.pairs import snapshots
 from feedback.pairs.snapshots import Snapshot
 from feedback.pairs.stats import DatasetStats, stats
-from serve.deps import OpsKey, ServicesDep
+from serve.deps import OpsKey, RowId, ServicesDep
 from serve.errors import NotFound
 
 router = APIRouter(prefix="/v1/admin/datasets", tags=["datasets"])
@@ -29,7 +29,7 @@ async def list_datasets(_: OpsKey, services: ServicesDep) -> dict[str, Any]:
 
 
 @router.get("/{snapshot_id}")
-async def get_dataset(snapshot_id: int, _: OpsKey, services: ServicesDep) -> Snapshot:
+async def get_dataset(snapshot_id: RowId, _: OpsKey, services: ServicesDep) -> Snapshot:
     """One snapshot: counts per rule and split, drop reasons, settings, hashes, files."""
     found = await asyncio.to_thread(_get, services.conninfo, snapshot_id)
     if found is None:

@@ -14,7 +14,7 @@ from ratchet import runs
 from ratchet.config import TrainConfig
 from ratchet.jobs import defer_training
 from ratchet.runs import Run, TrainingBusy
-from serve.deps import OpsKey, Services, ServicesDep
+from serve.deps import OpsKey, RowId, Services, ServicesDep
 from serve.errors import Conflict, InvalidRequest, NotFound, Unavailable
 
 router = APIRouter(prefix="/v1/admin", tags=["training"])
@@ -29,7 +29,9 @@ class RetrainRequest(BaseModel):
     min_pairs: int | None = None
     max_steps: int | None = None
     batch_size: int | None = None
-    snapshot_id: int | None = Field(default=None, description="Train on this snapshot.")
+    snapshot_id: int | None = Field(
+        default=None, ge=1, le=2**63 - 1, description="Train on this snapshot."
+    )
 
 
 class RunView(Run):
@@ -87,13 +89,13 @@ async def list_runs(_: OpsKey, services: ServicesDep) -> dict[str, Any]:
 
 
 @router.get("/runs/{run_id}")
-async def get_run(run_id: int, _: OpsKey, services: ServicesDep) -> RunView:
+async def get_run(run_id: RowId, _: OpsKey, services: ServicesDep) -> RunView:
     """One run with its progress, ETA, latest metrics and error text."""
     return await _view(services, run_id)
 
 
 @router.post("/runs/{run_id}/cancel")
-async def cancel_run(run_id: int, _: OpsKey, services: ServicesDep) -> RunView:
+async def cancel_run(run_id: RowId, _: OpsKey, services: ServicesDep) -> RunView:
     """Cancel a queued run; ask a running one to stop at its next step."""
     cancelled = await asyncio.to_thread(runs.cancel, services.conninfo, run_id)
     if cancelled is None:

@@ -15,8 +15,11 @@ from typing import Any
 import psycopg
 import pytest
 
+from ratchet.keys import Limits
 from ratchet.registry import Adapter
 from tests.helpers import ROOT, Engine, Gateway, make_key, make_lora, start_gateway
+
+UNLIMITED = Limits(rpm=1_000_000, tpm=1_000_000_000, concurrency=1_000)
 
 SUMMARIES: list[dict[str, Any]] = []
 
@@ -78,7 +81,9 @@ def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThrowawayPostgres]:
 @pytest.fixture(scope="package")
 def keys(pg: ThrowawayPostgres) -> dict[str, str]:
     return {
-        role: make_key(pg.url, role, f"chaos {role}")[1] for role in ("chat", "ops", "reviewer")
+        # Quotas are not what these tests are about: the load must never meet them.
+        role: make_key(pg.url, role, f"chaos {role}", UNLIMITED)[1]
+        for role in ("chat", "ops", "reviewer")
     }
 
 
@@ -106,6 +111,8 @@ def chaos_env(
         "RATCHET_SHUTDOWN_GRACE_S": "5",
         "RATCHET_MAX_TOKENS_CAP": "256",
         "RATCHET_AUTH_CACHE_SECONDS": "2",
+        # The fault tests force long streams (ignore_eos), which clients may not send.
+        "RATCHET_EXTRA_REQUEST_FIELDS": '["ignore_eos"]',
     }
     env.update({f"RATCHET_{k.upper()}": v for k, v in overrides.items()})
     return env

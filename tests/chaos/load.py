@@ -102,37 +102,38 @@ class Load:
         rng = random.Random(self.seed * 1000 + index)
         mine: list[str] = []  # answers this client may vote on
         pending: list[str] = []  # comparisons this client may choose on
-        n = 0
         with httpx.Client(base_url=self.url, headers=auth(self.key), timeout=60) as http:
             while not self._stop.is_set():
-                n += 1
                 roll = rng.random()
                 try:
                     if roll < 0.30:
-                        self._chat(http, rng, mine)
+                        self._chat(http, rng, mine, f"c{index}")
                     elif roll < 0.55:
-                        self._stream(http, rng, mine)
+                        self._stream(http, rng, mine, f"c{index}")
                     elif roll < 0.80 and mine:
-                        self._vote(http, rng, rng.choice(mine), f"c{index}-{n}")
+                        # Each client is one end user, who votes only on its own
+                        # answers; a repeat replaces the vote (the ledger's last wins).
+                        self._vote(http, rng, rng.choice(mine), f"c{index}")
                     elif roll < 0.88:
-                        self._compare(http, rng, pending)
+                        self._compare(http, rng, pending, f"c{index}")
                     elif pending:
-                        self._choose(http, rng, pending.pop(), f"c{index}-{n}")
+                        self._choose(http, rng, pending.pop(), f"c{index}")
                 except httpx.TransportError:
                     with self.ledger.lock:
                         self.ledger.no_response += 1
                     time.sleep(0.2)  # the gateway is away; do not spin
 
-    def _body(self, rng: random.Random, **extra: Any) -> dict[str, Any]:
+    def _body(self, rng: random.Random, user: str, **extra: Any) -> dict[str, Any]:
         question = rng.choice(QUESTIONS)
         return {
             "messages": [{"role": "user", "content": question}],
             "max_tokens": self.max_tokens,
+            "user": user,
             **extra,
         }
 
-    def _chat(self, http: httpx.Client, rng: random.Random, mine: list[str]) -> None:
-        body = self._body(rng, model="production")
+    def _chat(self, http: httpx.Client, rng: random.Random, mine: list[str], user: str) -> None:
+        body = self._body(rng, user, model="production")
         response = self._send(http, "/v1/chat/completions", body)
         if response.status_code == 200:
             answer_id = response.json()["id"]
@@ -140,8 +141,8 @@ class Load:
                 self.ledger.answers.add(answer_id)
             mine.append(answer_id)
 
-    def _stream(self, http: httpx.Client, rng: random.Random, mine: list[str]) -> None:
-        body = self._body(rng, model="production", stream=True)
+    def _stream(self, http: httpx.Client, rng: random.Random, mine: list[str], user: str) -> None:
+        body = self._body(rng, user, model="production", stream=True)
         with self.ledger.lock:
             self.ledger.sent += 1
         started = time.monotonic()
@@ -188,8 +189,10 @@ class Load:
             with self.ledger.lock:
                 self.ledger.votes[(answer_id, user)] = 1 if rating == "up" else -1
 
-    def _compare(self, http: httpx.Client, rng: random.Random, pending: list[str]) -> None:
-        response = self._send(http, "/v1/comparisons", self._body(rng))
+    def _compare(
+        self, http: httpx.Client, rng: random.Random, pending: list[str], user: str
+    ) -> None:
+        response = self._send(http, "/v1/comparisons", self._body(rng, user))
         if response.status_code == 200:
             comparison_id = response.json()["id"]
             with self.ledger.lock:

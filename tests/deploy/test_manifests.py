@@ -3,9 +3,11 @@ against the Kubernetes OpenAPI schemas, the compose file validates, the Dockerfi
 pass hadolint, and .env.example lists every setting."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +128,48 @@ def test_dockerfiles_pass_hadolint(dockerfile: Path) -> None:
         [tool("hadolint"), str(dockerfile)], capture_output=True, text=True, check=False
     )
     assert linted.returncode == 0, linted.stdout
+
+
+VLLM_IMAGE = re.compile(r"vllm/vllm-openai(?::(?P<tag>[\w.-]+))?")
+
+
+def gpu_vllm_pin() -> str:
+    """The vLLM version pyproject's `gpu` extra pins (`vllm==X`)."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    pins = [re.fullmatch(r"vllm==([\w.]+)", spec.replace(" ", "")) for spec in extras["gpu"]]
+    versions = [m.group(1) for m in pins if m]
+    assert len(versions) == 1, extras["gpu"]
+    return versions[0]
+
+
+def test_vllm_images_match_the_gpu_pin() -> None:
+    # The engine image and the workers' `gpu` extra must be the same vLLM: an image
+    # left behind keeps an old engine's CVEs and its LoRA/adapter API.
+    wanted = "v" + gpu_vllm_pin()
+    seen: dict[str, str | None] = {}
+    for path in sorted(DEPLOY.rglob("*")):
+        if path.is_file() and path.suffix in {".yaml", ".yml", ".md", ".Dockerfile", ".example"}:
+            for match in VLLM_IMAGE.finditer(path.read_text()):
+                seen[f"{path.relative_to(DEPLOY)}: {match.group(0)}"] = match.group("tag")
+    assert any(p.startswith("k8s/") for p in seen) and any(p.startswith("compose/") for p in seen)
+    wrong = {where: tag for where, tag in seen.items() if tag != wanted}
+    assert not wrong, f"every vllm-openai image must be tagged {wanted}: {wrong}"
+
+
+@pytest.mark.parametrize("target", KUSTOMIZATIONS)
+def test_rendered_engine_image_matches_the_gpu_pin(target: str) -> None:
+    # An overlay's `images:` could retag what the base names: check what is rendered.
+    built = subprocess.run(
+        [tool("kubectl"), "kustomize", str(DEPLOY / "k8s" / target)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    images = {
+        container["image"]
+        for doc in yaml.safe_load_all(built.stdout)
+        if doc and doc["kind"] in {"Deployment", "StatefulSet", "Job"}
+        for container in doc["spec"]["template"]["spec"]["containers"]
+        if "vllm" in container["image"]
+    }
+    assert images == {f"vllm/vllm-openai:v{gpu_vllm_pin()}"}, images

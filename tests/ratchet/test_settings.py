@@ -45,6 +45,55 @@ def test_mask_url() -> None:
     assert mask_url("postgresql://u@db/x") == "postgresql://u@db/x"
     assert mask_url("host=db password=s3cret dbname=x") == "host=db password=*** dbname=x"
     assert "s3 cret" not in mask_url("password='s3 cret' host=db")
+    assert mask_url("host=db sslpassword = 'a b' port=5") == "host=db sslpassword = *** port=5"
+    assert mask_url("redis://:pw@cache:6379/0") == "redis://:***@cache:6379/0"
+    assert mask_url("http://engine:8000") == "http://engine:8000"
+    assert (
+        mask_url("postgresql:///x?host=/run&password=pw&sslpassword=k2&sslmode=require")
+        == "postgresql:///x?host=/run&password=***&sslpassword=***&sslmode=require"
+    )
+    # Written unescaped, a password may hold '@' or '/': none of it may show.
+    assert (
+        mask_url("postgresql://u:p@s/s@h1:5432,h2:5432/x") == "postgresql://u:***@h1:5432,h2:5432/x"
+    )
+    assert mask_url("https://judge/v1?api_key=k1&model=m") == "https://judge/v1?api_key=***&model=m"
+
+
+SECRETS = ("hunter2", "engpass", "cachepw", "judgekey", "queryk", "tokensecret", "dsnpw")
+
+
+def test_cli_config_masks_every_url_and_secret(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "DATABASE_URL": "postgresql://app:hunter2@db/ratchet?sslpassword=dsnpw&sslmode=require",
+        "RATCHET_DATA_DIR": str(tmp_path),
+        "RATCHET_ENGINE_URLS": "http://vllm:engpass@engine-0:8000,http://engine-1:8000",
+        "RATCHET_ENGINE_URL": "http://ops:engpass@engine-9:8000",
+        "RATCHET_RATELIMIT_STORAGE": "redis://:cachepw@cache:6379",
+        "RATCHET_EVAL__JUDGE_URL": "https://judge.example/v1?api_key=queryk",
+        "RATCHET_EVAL__JUDGE_API_KEY": "judgekey",
+        "RATCHET_TOKEN_SECRET": "tokensecret",
+    }
+    out = subprocess.run(
+        [RATCHET, "config"], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    for secret in SECRETS:
+        assert secret not in out, secret
+    shown = json.loads(out)
+    # Masked, not dropped: ops still see where each thing points.
+    assert shown["database_url"] == (
+        "postgresql://app:***@db/ratchet?sslpassword=***&sslmode=require"
+    )
+    assert shown["engine_urls"] == ["http://vllm:***@engine-0:8000", "http://engine-1:8000"]
+    assert shown["engine_url"] == "http://ops:***@engine-9:8000"
+    assert shown["ratelimit_storage"] == "redis://:***@cache:6379"
+    assert shown["eval"]["judge_url"] == "https://judge.example/v1?api_key=***"
+    assert shown["eval"]["judge_api_key"] == shown["token_secret"] == "**********"
+
+
+def test_public_dump_masks_a_key_value_dsn() -> None:
+    settings = Settings(database_url="host=db user=app password=dsnpw dbname=x")
+    assert settings.public_dump()["database_url"] == "host=db user=app password=*** dbname=x"
 
 
 def test_cli_config_prints_effective_settings_masked(tmp_path: Path) -> None:

@@ -107,7 +107,9 @@ def test_models_list(client: openai.OpenAI) -> None:
 def test_thumbs_vote_is_stored_and_replaced(
     client: openai.OpenAI, gateway: Gateway, chat_key: tuple[str, str], database_url: str
 ) -> None:
-    reply = client.chat.completions.create(model="base", messages=QUESTION, max_tokens=16)
+    reply = client.chat.completions.create(
+        model="base", messages=QUESTION, max_tokens=16, user="bob"
+    )  # bob's answer: bob votes on it
     body = {
         "completion_id": reply.id,
         "rating": "down",
@@ -153,7 +155,7 @@ def test_pairwise_choice_is_stored_blind(
     )
     assert created.status_code == 200, created.text
     body = created.json()
-    assert set(body) == {"id", "object", "a", "b"}
+    assert set(body) == {"id", "object", "a", "b", "feedback_token"}
     assert "model" not in json.dumps(body)  # which model answered stays hidden
     choice = httpx.post(
         f"{gateway.url}/v1/comparisons/{body['id']}/choice",
@@ -205,14 +207,17 @@ def test_prompt_over_engine_context_is_a_clean_400(
 
 
 def test_client_leaving_mid_stream_leaves_an_aborted_row(
-    gateway: Gateway, chat_key: tuple[str, str], database_url: str
+    gateway: Gateway, chat_key: tuple[str, str], database_url: str, base_model_dir: Path
 ) -> None:
+    # The answer must not end on its own: the end-of-sequence token is banned with
+    # OpenAI's logit_bias (vLLM's ignore_eos is not for clients).
+    eos = json.loads((base_model_dir / "config.json").read_text())["eos_token_id"]
     body = {
         "model": "base",
         "messages": QUESTION,
         "max_tokens": 200,
         "stream": True,
-        "ignore_eos": True,
+        "logit_bias": {str(eos): -100},
     }
     with httpx.stream(
         "POST",
