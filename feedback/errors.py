@@ -6,6 +6,7 @@ FeedbackError
  ├── AlreadyDecided      a comparison already has a different choice
  ├── NotTheOwner         a vote or choice names an end user the answer was not for
  ├── VoteCapExceeded     a voter has cast its votes and choices for the day
+ ├── VoterBusy           the voter's other votes hold its lock; retry in a moment
  ├── NotEnoughPairs      the votes yield too few pairs for a snapshot
  ├── UnknownSnapshot     no snapshot with this id
  ├── SnapshotCorrupted   a snapshot's files do not match their hashes
@@ -47,6 +48,11 @@ class VoteCapExceeded(FeedbackError):
         super().__init__(f"this voter cast {cap} votes and choices in the last 24 hours")
         self.cap = cap
         self.retry_after = retry_after
+
+
+class VoterBusy(FeedbackError):
+    """Other votes of the same voter held its lock past the lock timeout: a flood of
+    votes queues here, never on the pool (which would look like the database down)."""
 
 
 class NotEnoughPairs(FeedbackError):

@@ -21,10 +21,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Literal
 
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, errors
 from pydantic import BaseModel, ConfigDict
 
-from feedback.errors import NotTheOwner, VoteCapExceeded
+from feedback.errors import NotTheOwner, VoteCapExceeded, VoterBusy
 
 PerAnswer = Literal["owner", "any"]
 
@@ -78,10 +78,14 @@ def resolve(answer_owner: Voter, caller: Caller, per_answer: PerAnswer) -> Voter
 async def lock(conn: AsyncConnection, voter: Voter) -> None:
     """Serialize one voter's writes until the transaction ends, so that concurrent
     votes cannot all pass the day cap's count."""
-    await conn.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-        (f"voter:{voter.key_id}:{voter.end_user}",),
-    )
+    await conn.execute("SET LOCAL lock_timeout = '1s'")
+    try:
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+            (f"voter:{voter.key_id}:{voter.end_user}",),
+        )
+    except errors.LockNotAvailable as exc:
+        raise VoterBusy("this voter's other votes are being written; retry in a moment") from exc
 
 
 async def check_day_cap(conn: AsyncConnection, voter: Voter, cap: int) -> None:

@@ -92,6 +92,13 @@ async def find_active(conn: AsyncConnection, secret: str) -> ApiKey | None:
         return await cur.fetchone()
 
 
+async def is_active(conn: AsyncConnection, key_id: uuid.UUID) -> bool:
+    cur = await conn.execute(
+        "SELECT 1 FROM api_keys WHERE id = %s AND revoked_at IS NULL", (key_id,)
+    )
+    return await cur.fetchone() is not None
+
+
 async def revoke(conn: AsyncConnection, key_id: uuid.UUID) -> bool:
     """Revoke a key; False when no active key has that id."""
     cur = await conn.execute(

@@ -355,6 +355,7 @@ _DSN_SECRET = re.compile(rf"(?i)\b({_SECRET_KEY}\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&
 _QUERY_SECRET = re.compile(rf"(?i)([?&;]{_SECRET_KEY}=)([^&#;]*)")
 # `user:password@host`: a password written unescaped may hold '@' or '/', so it runs
 # to the last '@' before the query; masking too much beats showing part of it.
+_USER_ONLY = re.compile(r"[^:@/?#]+@")
 _USERINFO = re.compile(
     r"(?P<user>[^:@/?#]*):(?P<password>[^?#]*)@(?P<rest>[^@?#]*(?:[?#].*)?)", re.S
 )
@@ -369,6 +370,9 @@ def mask_url(url: str) -> str:
     userinfo = _USERINFO.fullmatch(rest)
     if userinfo:
         rest = f"{userinfo['user']}:***@{userinfo['rest']}"
+    elif scheme.lower() not in ("postgres", "postgresql") and (lone := _USER_ONLY.match(rest)):
+        # `https://TOKEN@host`: outside Postgres a user name alone is usually a token.
+        rest = "***@" + rest[lone.end() :]
     return f"{scheme}://" + _QUERY_SECRET.sub(r"\1***", rest)
 
 

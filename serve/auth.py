@@ -15,6 +15,7 @@ nothing to refuse.
 """
 
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import NoReturn, Protocol
 
@@ -61,6 +62,8 @@ class Authenticator:
         self.lookup = lookup
         # secret -> (trusted until, checked at, key)
         self._cache: dict[str, tuple[float, float, ApiKey]] = {}
+        # key id -> (until when, not revoked): for feedback tokens, which name a key
+        self._active: dict[uuid.UUID, tuple[float, bool]] = {}
         # sha256 of a secret that was not found -> until when it is known to be unknown
         self._unknown: dict[str, float] = {}
 
@@ -74,7 +77,10 @@ class Authenticator:
         digest = keys.hash_secret(secret)
         if self._unknown.get(digest, 0.0) > now:
             await self._failed(address)
-        if self.throttle is not None:
+        # Only secrets never seen valid are throttled: a key that worked recently is
+        # re-checked, so bad guesses from a shared address (NAT, a proxy) never lock
+        # its honest clients out.
+        if self.throttle is not None and hit is None:
             await self.throttle.auth_allowed(address)
         if self.watch is not None and not self.watch.up:
             return self._stale(hit, now)  # do not wait on a database known to be down
@@ -94,6 +100,30 @@ class Authenticator:
         if self.ttl > 0 or self.outage_grace_s > 0:
             self._cache[secret] = (now + self.ttl, now, key)
         return key
+
+    async def key_active(self, key_id: uuid.UUID) -> bool:
+        """Whether a key (named by id, e.g. in a feedback token) is still unrevoked;
+        cached like keys themselves. While the database is down: yes (the token's
+        signature and expiry still hold)."""
+        now = time.monotonic()
+        hit = self._active.get(key_id)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        if self.watch is not None and not self.watch.up:
+            return True
+        try:
+            async with self.pool.connection() as conn:
+                active = await keys.is_active(conn, key_id)
+        except Exception as exc:
+            if not unavailable(exc):
+                raise
+            if self.watch is not None:
+                self.watch.failed(exc)
+            return True
+        if len(self._active) >= _UNKNOWN_MAX:
+            self._active.clear()  # ids come only from tokens we signed: rarely many
+        self._active[key_id] = (now + self.ttl, active)
+        return active
 
     def _stale(self, hit: tuple[float, float, ApiKey] | None, now: float) -> ApiKey:
         """The cached key while the database is down, if it was checked recently."""

@@ -32,11 +32,13 @@ class ComparisonService:
         self.router = router
         self.rng = rng or random.SystemRandom()
 
+    def check(self, request: ComparisonRequest) -> None:
+        """Refuse what the engine must never see, before any quota is spent on it."""
+        self.chat.check(_as_chat(request, "production"))
+
     async def create(self, request: ComparisonRequest, key: ApiKey) -> ComparisonResponse:
         models = await self._contenders(key)
-        chats = [
-            ChatCompletionRequest(model=m, **request.model_dump(exclude_unset=True)) for m in models
-        ]
+        chats = [_as_chat(request, m) for m in models]
         for chat in chats:
             self.chat.check(chat)
         targets = [await self.router.resolve(m, key) for m in models]
@@ -75,3 +77,7 @@ class ComparisonService:
 def _answer(response: dict[str, object]) -> ComparisonAnswer:
     choice = response["choices"][0]  # type: ignore[index]
     return ComparisonAnswer(message=choice["message"], finish_reason=choice.get("finish_reason"))
+
+
+def _as_chat(request: ComparisonRequest, model: str) -> ChatCompletionRequest:
+    return ChatCompletionRequest(model=model, **request.model_dump(exclude_unset=True))

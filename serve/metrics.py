@@ -8,6 +8,7 @@ from prometheus_client.registry import Collector
 
 from feedback.log import AnswerLog
 from ratchet.db import DatabaseWatch
+from ratchet.settings import mask_url
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -72,11 +73,12 @@ class Metrics:
         self.registry.register(_StorageCollector(answers, database))
 
     # ratchet.replicas.ReplicaEvents
+    # /metrics is unauthenticated: replicas are labelled with credentials masked.
     def replica_ready(self, url: str, ready: bool) -> None:
-        self.engine_ready.labels(url).set(1 if ready else 0)
+        self.engine_ready.labels(mask_url(url)).set(1 if ready else 0)
 
     def adapter_loaded(self, url: str, reason: str) -> None:
-        self.adapter_loads.labels(url, reason).inc()
+        self.adapter_loads.labels(mask_url(url), reason).inc()
 
     def completion(
         self, model: str, stream: bool, seconds: float, prompt: int | None, completion: int | None

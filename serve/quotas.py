@@ -6,6 +6,8 @@ tokens per minute (tpm)     chat completions and comparisons     `ratelimit_stor
 concurrency                 chat completions and comparisons     this gateway
 in-flight cap               engine calls, all keys together      this gateway
 failed authentications      wrong keys, per client address       `ratelimit_storage`
+token votes                 votes and choices sent with a        `ratelimit_storage`
+                            feedback token, per answer key
 
 A key's own rpm, tpm and concurrency (`ratchet keys create --rpm ...`) win; None means
 the settings' default. Requests and failed authentications count in a moving window
@@ -58,7 +60,7 @@ from serve.metrics import Metrics
 log = logging.getLogger(__name__)
 WINDOW_S = 60  # every limit here is per minute
 _NAMESPACE = "ratchet"
-Limit = Literal["requests", "tokens", "concurrency", "in_flight", "auth_failures"]
+Limit = Literal["requests", "tokens", "concurrency", "in_flight", "auth_failures", "token_votes"]
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,19 @@ class Quotas:
                 quota_headers(window, await self.tokens_window(key)),
             )
         return window
+
+    async def token_votes(self, key_id: uuid.UUID) -> None:
+        """Count one vote or choice sent with a feedback token of `key_id`'s answers;
+        429 past the default requests per minute (a counter of its own)."""
+        item = _per_minute(self.settings.default_rpm)
+        if not await _hit(self.requests, item, 1, "token-votes", str(key_id)):
+            window = await _window(self.requests, item, "token-votes", str(key_id))
+            raise self._refused(
+                "token_votes",
+                f"Too many votes sent with feedback tokens of this key's answers: Limit "
+                f"{item.amount} per minute. Please try again in {duration(window.reset_s)}.",
+                window.reset_s,
+            )
 
     # --- tokens, concurrency and the in-flight cap ---
 

@@ -5,8 +5,8 @@ A token is `ft1.<payload>.<signature>`, both base64url: the payload is
 `kind:id:key id:expiry` (kind `c` for a completion, `x` for a comparison; expiry in
 Unix seconds) and the signature its HMAC-SHA256 under the gateways' shared secret
 (settings.token_secret, or a random one kept in the database). A token acts as the
-answer's owner (its key, its end user) for that one id, until it expires. It is not
-revoked with its key: keep `feedback_token_ttl_s` as short as the product allows.
+answer's owner (its key, its end user) for that one id, until it expires or its key
+is revoked (the route checks that, cached like keys).
 """
 
 import asyncio

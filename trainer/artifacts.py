@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ratchet.hashing import adapter_sha256
+from ratchet.registry import DIR_MODE, FILE_MODE
 from ratchet.registry import TRAINING_CARD as CARD
 from trainer.preflight import preflight
 
@@ -68,6 +69,11 @@ def finalize(
         "created_at": datetime.now(UTC).isoformat(),
     }
     (trained / CARD).write_text(json.dumps(full_card, indent=2, default=str) + "\n")
+    # Readable by an engine running as another user, whatever the umask.
+    os.chmod(trained, DIR_MODE)
+    for item in trained.iterdir():
+        if item.is_file():
+            os.chmod(item, FILE_MODE)
     target = adapters_dir / sha
     if target.exists():  # the very same adapter again (same data, config and seed)
         shutil.rmtree(trained)

@@ -265,7 +265,10 @@ def _train_and_register(
     )
 
     async def register() -> registry.Adapter:
-        async with await psycopg.AsyncConnection.connect(conninfo) as conn:
+        async with (
+            await psycopg.AsyncConnection.connect(conninfo) as conn,
+            registry.locked(conn, sha),  # an API registration of the same files waits
+        ):
             known = await registry.get_by_sha(conn, sha)
             return known or await registry.register(
                 conn,

@@ -11,6 +11,21 @@ ALTER TABLE api_keys
 -- The voter is (key, end user): end users are namespaced by the key that names them.
 ALTER TABLE votes DROP CONSTRAINT IF EXISTS votes_completion_id_end_user_key;
 CREATE UNIQUE INDEX votes_voter ON votes (completion_id, key_id, end_user) NULLS NOT DISTINCT;
+-- Before this migration any key could vote on any answer. Votes a key cast on answers
+-- another key received (ops keys excepted) are set aside, out of every future snapshot.
+CREATE TABLE votes_quarantine (
+    LIKE votes INCLUDING DEFAULTS,
+    quarantined_at  timestamptz NOT NULL DEFAULT now(),
+    reason          text NOT NULL
+);
+WITH moved AS (
+    DELETE FROM votes v USING completions c, api_keys k
+    WHERE c.id = v.completion_id AND k.id = v.key_id AND k.role <> 'ops'
+      AND c.key_id IS DISTINCT FROM v.key_id
+    RETURNING v.*
+)
+INSERT INTO votes_quarantine SELECT m.*, now(), 'not_the_answers_key' FROM moved m;
+
 -- Caps per voter per day count these.
 CREATE INDEX votes_voter_day ON votes (key_id, end_user, created_at);
 ALTER TABLE comparisons ADD COLUMN chooser_key_id uuid REFERENCES api_keys (id);

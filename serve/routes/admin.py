@@ -9,7 +9,7 @@ from ratchet import registry
 from ratchet.engine import EngineClient, EngineRejected, EngineUnavailable
 from ratchet.registry import Adapter, AdapterError, Staged
 from serve.deps import OpsKey, Services, ServicesDep
-from serve.errors import Conflict, InvalidRequest
+from serve.errors import Conflict, InvalidRequest, scrub
 from serve.protocol import AdapterRegisterRequest
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
@@ -107,7 +107,7 @@ async def _load(engine: EngineClient, name: str, stored: Path) -> None:
     except EngineRejected as exc:
         if "already" not in exc.message:  # loaded by an earlier, failed attempt
             raise InvalidRequest(
-                f"the engine refused the adapter: {exc.message}",
+                f"the engine refused the adapter: {scrub(exc.message, exc.url)}",
                 param="path",
                 code="invalid_adapter",
             ) from exc

@@ -17,12 +17,20 @@ from feedback.errors import (
     UnknownComparison,
     UnknownCompletion,
     VoteCapExceeded,
+    VoterBusy,
 )
 from feedback.voters import Caller, VoteRules
 from feedback.votes import Ballot
 from ratchet.keys import ApiKey
 from serve.deps import ChatKey, Services, ServicesDep, requests_window, require
-from serve.errors import Conflict, Forbidden, InvalidRequest, NotFound, TooManyRequests
+from serve.errors import (
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    TooManyRequests,
+    Unauthorized,
+)
 from serve.ids import COMPARISON_ID, COMPLETION_ID
 from serve.protocol import (
     ChoiceRequest,
@@ -77,6 +85,8 @@ async def give_feedback(
         raise _not_owner("answer", exc) from exc
     except VoteCapExceeded as exc:
         raise _over_cap(exc) from exc
+    except VoterBusy as exc:
+        raise TooManyRequests(str(exc), code="voter_busy", retry_after=1) from exc
     services.metrics.votes.labels(request.rating).inc()
     return FeedbackResponse(
         completion_id=request.completion_id,
@@ -100,6 +110,7 @@ async def create_comparison(
 
     Quotas: one of the key's concurrent requests, two engine calls of the gateway's
     in-flight cap, and the tokens of two answers."""
+    services.comparisons.check(request)  # a refused request spends no tokens
     cap = services.settings.max_tokens_cap
     cost = 2 * estimate_tokens(request.messages, min(request.max_tokens or cap, cap))
     requests = requests_window(http)
@@ -142,6 +153,8 @@ async def choose(
         ) from exc
     except VoteCapExceeded as exc:
         raise _over_cap(exc) from exc
+    except VoterBusy as exc:
+        raise TooManyRequests(str(exc), code="voter_busy", retry_after=1) from exc
     services.metrics.choices.labels(request.choice).inc()
     return ChoiceResponse(id=COMPARISON_ID.format(uid), choice=decided)
 
@@ -163,6 +176,14 @@ async def _caller(via: _Via, target: tuple[Kind, uuid.UUID | None], user: str | 
     (and counted) exactly as every other route checks one."""
     if via.token is not None:
         grant = via.services.tokens.verify(via.token, *target)
+        # Votes by token count against the answer's key too (at the default rate: the
+        # key itself is not looked up), so one token cannot flood the vote path.
+        await via.services.quotas.token_votes(grant.key_id)
+        if not await via.services.auth.key_active(grant.key_id):
+            raise Unauthorized(
+                "This feedback token's API key was revoked; its answers take no more votes.",
+                code="invalid_feedback_token",
+            )
         return Caller(key_id=grant.key_id, user=user, as_owner=True)
     key: ApiKey = await _chat_key(
         request=via.request,

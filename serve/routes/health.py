@@ -2,6 +2,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ratchet.settings import mask_url
 from serve.deps import ServicesDep
 
 router = APIRouter(tags=["operations"])
@@ -23,7 +24,8 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     watch = services.watch
     database = watch.up and await watch.check(timeout=services.settings.db_acquire_timeout_s)
     engines = services.engines  # each replica's own loop keeps this up to date
-    replicas = {r.url: r.ready for r in engines.replicas.values()}
+    # Unauthenticated: a replica is named by its URL with any credentials masked.
+    replicas = {mask_url(r.url): r.ready for r in engines.replicas.values()}
     spool = services.answers.spool
     accepting = database or (spool is not None and spool.room_for(_ROOM_BYTES))
     checks = {

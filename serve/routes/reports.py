@@ -22,7 +22,7 @@ from ratchet.sessions import Session
 from serve import render, sessions
 from serve.auth import check_role, client_address
 from serve.deps import RowId, Services, ServicesDep
-from serve.errors import APIError, Forbidden, TooManyRequests, Unauthorized
+from serve.errors import APIError, Forbidden, InvalidRequest, TooManyRequests, Unauthorized
 from serve.routes.gate import actor, decide, queue_evaluation
 
 router = APIRouter(tags=["reports"])
@@ -245,6 +245,14 @@ async def _form_reviewer(
 async def _form(request: Request) -> dict[str, str]:
     """An urlencoded form's fields, first value of each."""
     fields = parse_qs((await request.body()).decode(errors="replace"))
+    for name, values in fields.items():
+        if "\x00" in name or any("\x00" in v for v in values):
+            # No browser sends one; Postgres cannot store one. Refused before any work.
+            raise InvalidRequest(
+                f"{name}: text must not contain NUL (\\u0000) characters",
+                param=name,
+                code="invalid_value",
+            )
     return {name: values[0] for name, values in fields.items()}
 
 

@@ -132,5 +132,8 @@ def test_with_the_spool_full_or_off_requests_get_a_fast_503(
     assert not ledger.violations, ledger.violations[:5]
     assert not lost, lost[:10]
     assert ledger.statuses[503] > 10
-    assert ledger.slowest_503_s < 2.5  # the acquire timeout (1 s here; 2 s by default)
+    # No request waits on the dead database: a 503 comes within one acquire timeout
+    # (1 s here; 2 s by default) of the engine's answer (a chat's generation counts in
+    # its time), far below any engine or request timeout.
+    assert ledger.slowest_503_s < 3.5
     assert refused["checks"]["storage"] is False  # type: ignore[index]

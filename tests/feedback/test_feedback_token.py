@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from ratchet import keys
+from ratchet.settings import Settings
 from serve.tokens import FeedbackTokens, Grant
 from tests.helpers import Gateway, auth, make_key, query
 
@@ -166,3 +167,15 @@ def test_streamed_answers_and_comparisons_carry_a_token(
 
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def test_a_revoked_keys_tokens_take_no_more_votes(http: httpx.Client, database_url: str) -> None:
+    key_id, secret = make_key(database_url, "chat", "revoked product")
+    reply = answer(http, secret)
+    assert thumbs(http, reply["id"], reply["feedback_token"]).status_code == 200
+    query(database_url, "UPDATE api_keys SET revoked_at = now() WHERE id = %s RETURNING id", key_id)
+    time.sleep(Settings().auth_cache_seconds + 0.5)  # every gateway's cache has expired
+    refused = thumbs(http, reply["id"], reply["feedback_token"], rating="down")
+    assert code_of(refused, 401) == "invalid_feedback_token"
+    assert "revoked" in refused.json()["error"]["message"]
+    assert [v["rating"] for v in votes_on(database_url, reply["id"])] == [1]

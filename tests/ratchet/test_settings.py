@@ -48,6 +48,8 @@ def test_mask_url() -> None:
     assert mask_url("host=db sslpassword = 'a b' port=5") == "host=db sslpassword = *** port=5"
     assert mask_url("redis://:pw@cache:6379/0") == "redis://:***@cache:6379/0"
     assert mask_url("http://engine:8000") == "http://engine:8000"
+    assert mask_url("https://sk-TOKEN@judge.example/v1") == "https://***@judge.example/v1"
+    assert mask_url("redis://user@cache:6379") == "redis://***@cache:6379"
     assert (
         mask_url("postgresql:///x?host=/run&password=pw&sslpassword=k2&sslmode=require")
         == "postgresql:///x?host=/run&password=***&sslpassword=***&sslmode=require"

@@ -20,7 +20,7 @@ from serve import errors
 from serve.app import create_app
 from serve.errors import InvalidRequest, from_engine
 from serve.protocol import ChatCompletionRequest
-from tests.helpers import Gateway, auth, counts, query
+from tests.helpers import Gateway, auth, counts, fresh_database, make_key, query
 
 CHAT = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -399,6 +399,15 @@ def stub_engine() -> Iterator[str]:
     server.shutdown()
 
 
+@pytest.fixture(scope="module")
+def stub_world(server_url: str, settings: Settings) -> Iterator[tuple[Settings, str, str]]:
+    """A database of its own for the stand-in engine: production there is the base, so
+    the gateway asks the stub for no adapter (the session's may promote one)."""
+    with fresh_database(server_url, "ratchet_stub") as url:
+        _, secret = make_key(url, "chat", "stub")
+        yield settings.model_copy(update={"database_url": url}), url, secret
+
+
 def assert_names_no_engine(text: str, engine_url: str) -> None:
     port = engine_url.rsplit(":", 1)[1]
     for leak in (engine_url, port, "127.0.0.1", "10.1.2.3", "internal.example", "/srv/"):
@@ -406,21 +415,20 @@ def assert_names_no_engine(text: str, engine_url: str) -> None:
 
 
 def test_engine_errors_name_no_replica(
-    settings: Settings, stub_engine: str, chat_key: tuple[str, str], database_url: str
+    stub_world: tuple[Settings, str, str], stub_engine: str
 ) -> None:
+    settings, database_url, secret = stub_world
     before = counts(database_url)
     app = create_app(settings, database_url, engine_url=stub_engine)
     with TestClient(app) as client:
-        refused = client.post(
-            CHAT, json={"model": "base", "messages": HELLO}, headers=auth(chat_key[1])
-        )
+        refused = client.post(CHAT, json={"model": "base", "messages": HELLO}, headers=auth(secret))
         error = error_of(refused, 400)
         assert "is not on" in error["message"]  # the rest of vLLM's message is kept
         assert_names_no_engine(refused.text, stub_engine)
         failed = client.post(
             CHAT,
             json={"model": "base", "messages": HELLO, "temperature": 1.5},
-            headers=auth(chat_key[1]),
+            headers=auth(secret),
         )
         assert error_of(failed, 500)["type"] == "server_error"
         assert_names_no_engine(failed.text, stub_engine)
@@ -428,12 +436,13 @@ def test_engine_errors_name_no_replica(
 
 
 def test_a_stream_that_breaks_ends_in_an_error_event(
-    settings: Settings, stub_engine: str, chat_key: tuple[str, str], database_url: str
+    stub_world: tuple[Settings, str, str], stub_engine: str
 ) -> None:
+    settings, database_url, secret = stub_world
     app = create_app(settings, database_url, engine_url=stub_engine)
     body = {"model": "base", "messages": HELLO, "stream": True}
     with TestClient(app) as client:
-        response = client.post(CHAT, json=body, headers=auth(chat_key[1]))
+        response = client.post(CHAT, json=body, headers=auth(secret))
     assert response.status_code == 200
     events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
     last = json.loads(events[-1])

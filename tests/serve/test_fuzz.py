@@ -3,8 +3,8 @@
 A `ratchet serve` of its own (its own database, the session's engine) takes valid
 and invalid requests for every operation, with each role's key. Every response must
 be under 500; every 4xx from the API must carry OpenAI's error body; and a request
-that got a 4xx must not have written a row anywhere. The number of cases run is
-printed and written to test-artifacts/fuzz-summary.json.
+that got a 4xx must not have inserted, changed or deleted a row anywhere. The number
+of cases run is printed and written to test-artifacts/fuzz-summary.json.
 """
 
 import json
@@ -62,15 +62,20 @@ def fuzz_target(
             target.stop()
 
 
-def row_counts(conn: psycopg.Connection[Any]) -> dict[str, int]:
+def fingerprints(conn: psycopg.Connection[Any]) -> dict[str, str]:
+    """A hash of every row of every table: an insert, an update or a delete changes it.
+    `gateways` is left out: its heartbeat updates it every few seconds."""
     tables = [
         r[0]
         for r in conn.execute(
             "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables"
-            " WHERE schemaname = 'public' ORDER BY 1"
+            " WHERE schemaname = 'public' AND tablename <> 'gateways' ORDER BY 1"
         ).fetchall()
     ]
-    union = " UNION ALL ".join(f"SELECT '{t}', count(*) FROM {t}" for t in tables)
+    union = " UNION ALL ".join(
+        f"SELECT '{t}', md5(coalesce(string_agg(x::text, '|' ORDER BY x::text), '')) FROM {t} x"
+        for t in tables
+    )
     return dict(conn.execute(union).fetchall())
 
 
@@ -81,7 +86,7 @@ class Tally:
         self.failures: list[str] = []
 
 
-def check(case: Any, response: requests.Response, wrote: dict[str, int], tally: Tally) -> None:
+def check(case: Any, response: requests.Response, wrote: list[str], tally: Tally) -> None:
     status = response.status_code
     tally.cases += 1
     tally.statuses[status] += 1
@@ -92,7 +97,7 @@ def check(case: Any, response: requests.Response, wrote: dict[str, int], tally: 
     if status < 400:
         return
     if wrote:
-        tally.failures.append(f"{where}: a refused request wrote rows {wrote}")
+        tally.failures.append(f"{where}: a refused request changed rows of {wrote}")
     if case.formatted_path.startswith(HTML_ROUTES):
         return
     try:
@@ -124,15 +129,15 @@ def run_operation(
     )
     @given(operation.as_strategy(generation_mode=mode))
     def fuzz(case: Any) -> None:
-        before = row_counts(conn)
+        before = fingerprints(conn)
         response = case.call(
             base_url=base_url,
             session=session,
             headers={"Authorization": f"Bearer {secret}"},
             timeout=120,
         )
-        after = row_counts(conn)
-        wrote = {t: after[t] - before.get(t, 0) for t in after if after[t] != before.get(t, 0)}
+        after = fingerprints(conn)
+        wrote = [t for t in after if after[t] != before.get(t)]
         check(case, response, wrote, tally)
 
     fuzz()

@@ -114,7 +114,7 @@ def test_refusals_are_clear_and_change_nothing(
          "adapter_not_found"),
         (post(gateway, "/v1/admin/promotions", ops_key[1], {"adapter": ""}), 400, "invalid_value"),
         (post(gateway, "/v1/admin/promotions", ops_key[1], {"adapter": good["id"], "x": 1}), 400,
-         "invalid_value"),
+         "unsupported_parameter"),
         (post(gateway, "/v1/admin/promotions", reviewer_key[1], {"adapter": good["id"]}), 403,
          "insufficient_role"),
         (post(gateway, "/v1/admin/promotions", chat_key[1], {"adapter": good["id"]}), 403,

@@ -9,9 +9,12 @@ import os
 import re
 import secrets
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +147,37 @@ def post_form(
     return httpx.post(gateway.url + path, data=fields, headers=headers, timeout=120)
 
 
+@contextmanager
+def other_origin_page(action: str, csrf: str) -> Iterator[str]:
+    """A page served from another origin (another port) whose form posts to `action`."""
+    html = (
+        f'<!doctype html><form method="post" action="{action}">'
+        f'<input type="hidden" name="csrf" value="{csrf}">'
+        '<input type="hidden" name="note" value="forged from another site">'
+        '<button id="forged">Win a prize</button></form>'
+    ).encode()
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(html)))
+            self.end_headers()
+            self.wfile.write(html)
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/prize"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def review_state(database_url: str, evaluation_id: int) -> dict[str, Any]:
     """What a refused form must leave unchanged."""
     return query(
@@ -222,6 +256,17 @@ def test_sign_in_approve_and_sign_out_in_chromium(
         too_long = post_form(gateway, approve, session_id, gateway.url, csrf=csrf, note=long_note)
         assert too_long.status_code == 400 and "Note too long" in too_long.text
         assert review_state(database_url, evaluation_id) == before
+
+        # The same from a page of another origin, in the browser: its form carries the
+        # live session's cookie (same site) and even a stolen CSRF token, and is refused.
+        with other_origin_page(gateway.url + approve, csrf) as evil_url:
+            tab.goto(evil_url)
+            with tab.expect_navigation():
+                tab.click("#forged")
+            assert "not from this site" in tab.content()
+            assert evil_url.rsplit("/", 1)[0] in tab.content()  # it names the sender
+        assert review_state(database_url, evaluation_id) == before
+        tab.goto(gateway.url + target)
 
         # The real form: approve (the engine loads and smoke-tests the adapter).
         tab.fill("#review-form input[name=note]", "reviewed in a browser")
