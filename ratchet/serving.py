@@ -95,7 +95,11 @@ def dev_chat_key(settings: Settings, conninfo: str) -> str:
                 secret = path.read_text().strip()
                 if await keys.find_active(conn, secret) is not None:
                     return secret
-            _, secret = await keys.create_key(conn, "chat", name="embedded default run")
+            # The developer on their own machine tries what they register, so this key
+            # may call `candidate`; production keys get the scope only on purpose.
+            _, secret = await keys.create_key(
+                conn, "chat", name="embedded default run", scopes=("candidate",)
+            )
         path.unlink(missing_ok=True)
         # Created private: the secret must never sit in a world-readable file.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -55,6 +55,18 @@ def query(conninfo: str, sql: str, *params: Any) -> list[dict[str, Any]]:
         return conn.execute(sql, params).fetchall()
 
 
+def wait_until_ended(conninfo: str, uid: str, timeout: float = 30) -> dict[str, Any]:
+    """The row of a streamed answer once it has left 'streaming' (the gateway writes it
+    when it notices the client left)."""
+    deadline = time.monotonic() + timeout
+    while (row := query(conninfo, "SELECT * FROM completions WHERE id = %s", uid)[0])[
+        "status"
+    ] == "streaming":
+        assert time.monotonic() < deadline, "row never left 'streaming'"
+        time.sleep(0.2)
+    return row
+
+
 def counts(conninfo: str) -> dict[str, int]:
     """Row counts of every table a request could write to."""
     tables = ("completions", "votes", "comparisons", "adapters", "promotions", "api_keys")

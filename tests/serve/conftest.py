@@ -6,7 +6,7 @@ from fastapi.testclient import TestClient
 
 from ratchet.settings import Settings
 from serve.app import create_app
-from tests.helpers import Gateway
+from tests.helpers import Gateway, counts
 
 
 @pytest.fixture(scope="module")
@@ -28,3 +28,11 @@ def app_client(settings: Settings, gateway: Gateway) -> Iterator[TestClient]:
     app = create_app(settings, settings.database_url, engine_url=gateway.engine_url)
     with TestClient(app) as client:
         yield client
+
+
+@pytest.fixture
+def unchanged(database_url: str) -> Iterator[None]:
+    """The test's requests are all refused: no row may be written."""
+    before = counts(database_url)
+    yield
+    assert counts(database_url) == before

@@ -63,13 +63,6 @@ REFUSED: dict[str, Any] = {
 }
 
 
-@pytest.fixture
-def unchanged(database_url: str) -> Iterator[None]:
-    before = counts(database_url)
-    yield
-    assert counts(database_url) == before
-
-
 def error_of(response: Any, status: int) -> dict[str, Any]:
     """The OpenAI error body, after checking its exact shape (of an httpx or a
     TestClient response)."""

@@ -14,13 +14,6 @@ CHAT = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "Hello"}]
 
 
-@pytest.fixture
-def unchanged(database_url: str) -> Iterator[None]:
-    before = counts(database_url)
-    yield
-    assert counts(database_url) == before
-
-
 def error_of(response: Any, status: int) -> dict[str, Any]:
     assert response.status_code == status, response.text
     body = response.json()

@@ -1,7 +1,6 @@
 """End to end: `ratchet serve` + real vLLM + real Postgres, driven by the official client."""
 
 import json
-import time
 from pathlib import Path
 
 import httpx
@@ -11,7 +10,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from feedback.prompts import prompt_sha256
 from ratchet.model import MANIFEST
-from tests.helpers import Gateway, auth, counts, query
+from tests.helpers import Gateway, auth, counts, query, wait_until_ended
 
 QUESTION: list[ChatCompletionMessageParam] = [
     {"role": "user", "content": "What is the capital of France?"}
@@ -229,12 +228,7 @@ def test_client_leaving_mid_stream_leaves_an_aborted_row(
         lines = response.iter_lines()
         first = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
     uid = first["id"].removeprefix("chatcmpl-")
-    deadline = time.monotonic() + 30
-    while (row := query(database_url, "SELECT * FROM completions WHERE id = %s", uid)[0])[
-        "status"
-    ] == "streaming":
-        assert time.monotonic() < deadline, "row never left 'streaming'"
-        time.sleep(0.2)
+    row = wait_until_ended(database_url, uid)
     assert row["status"] == "aborted"
     assert (row["completion_tokens"] or 0) < 200
     assert row["latency_ms"] is not None

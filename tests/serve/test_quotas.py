@@ -28,7 +28,7 @@ from serve.app import create_app
 from serve.auth import Authenticator
 from serve.errors import TooManyRequests, Unauthorized
 from serve.quotas import Quotas, ReleasingStream, duration, tokens_wait
-from tests.helpers import Gateway, auth, make_key, query
+from tests.helpers import Gateway, auth, make_key, query, wait_until_ended
 
 HI = [{"role": "user", "content": "Hi"}]
 COUNT = [{"role": "user", "content": "Count from 1 to 200, separated by commas."}]
@@ -174,12 +174,7 @@ def test_a_client_leaving_early_gives_the_slot_back(gateway: Gateway, database_u
     # The client has left mid-answer: the slot comes back, and the answer was cut short.
     assert wait_for_slot(gateway, secret).status_code == 200
     uid = first["id"].removeprefix("chatcmpl-")
-    deadline = time.monotonic() + 30
-    while (row := query(database_url, "SELECT * FROM completions WHERE id = %s", uid)[0])[
-        "status"
-    ] == "streaming":
-        assert time.monotonic() < deadline, "row never left 'streaming'"
-        time.sleep(0.2)
+    row = wait_until_ended(database_url, uid)
     assert row["status"] == "aborted"
 
 
