@@ -144,14 +144,20 @@ def keys_create(
     role: Annotated[str, typer.Option(help="chat, reviewer or ops.")],
     name: Annotated[str, typer.Option(help="A label for the key.")] = "",
     rpm: Annotated[
-        int | None, typer.Option(min=1, help="Requests per minute. Default: the setting.")
+        int | None,
+        typer.Option(min=1, max=keys.MAX_LIMIT, help="Requests per minute. Default: the setting."),
     ] = None,
     tpm: Annotated[
         int | None,
-        typer.Option(min=1, help="Tokens (prompt + max_tokens) per minute. Default: the setting."),
+        typer.Option(
+            min=1,
+            max=keys.MAX_LIMIT,
+            help="Tokens (prompt + max_tokens) per minute. Default: the setting.",
+        ),
     ] = None,
     concurrency: Annotated[
-        int | None, typer.Option(min=1, help="Requests in flight. Default: the setting.")
+        int | None,
+        typer.Option(min=1, max=keys.MAX_LIMIT, help="Requests in flight. Default: the setting."),
     ] = None,
     candidate: Annotated[
         bool, typer.Option("--candidate", help="May see and call the `candidate` model.")

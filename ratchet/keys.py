@@ -23,6 +23,7 @@ ROLES: tuple[Role, ...] = ("chat", "reviewer", "ops")
 Scope = Literal["candidate"]
 SCOPES: tuple[Scope, ...] = ("candidate",)
 _PREFIX = "rk_"
+MAX_LIMIT = 2**31 - 1  # the columns are Postgres integers
 _COLUMNS = "id, name, role, created_at, revoked_at, rpm, tpm, concurrency, scopes"
 
 
@@ -44,9 +45,9 @@ class ApiKey(BaseModel):
 class Limits(BaseModel):
     """A key's quotas as created; None: the settings' default."""
 
-    rpm: int | None = Field(default=None, ge=1)
-    tpm: int | None = Field(default=None, ge=1)
-    concurrency: int | None = Field(default=None, ge=1)
+    rpm: int | None = Field(default=None, ge=1, le=MAX_LIMIT)
+    tpm: int | None = Field(default=None, ge=1, le=MAX_LIMIT)
+    concurrency: int | None = Field(default=None, ge=1, le=MAX_LIMIT)
 
 
 def hash_secret(secret: str) -> str:

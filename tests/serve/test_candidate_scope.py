@@ -104,3 +104,20 @@ def test_keys_create_with_the_candidate_scope_and_limits(gateway_env: dict[str, 
         "SELECT rpm, tpm, concurrency, scopes FROM api_keys WHERE name = 'ab-test'",
     )[0]
     assert row == {"rpm": 30, "tpm": 9000, "concurrency": 2, "scopes": ["candidate"]}
+
+
+def test_keys_create_refuses_limits_the_database_cannot_hold(
+    gateway_env: dict[str, str],
+) -> None:
+    import subprocess
+
+    refused = subprocess.run(
+        [str(RATCHET), "keys", "create", "--role", "chat", "--name", "too-big",
+         "--tpm", str(2**31)],
+        env={**gateway_env, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "--tpm" in refused.stderr and "Traceback" not in refused.stderr
+    rows = query(gateway_env["DATABASE_URL"], "SELECT id FROM api_keys WHERE name = 'too-big'")
+    assert rows == []
