@@ -99,8 +99,8 @@ class EngineClient:
             return False
         return response.status_code == 200
 
-    async def models(self) -> list[dict[str, Any]]:
-        response = await self._request("GET", "/v1/models")
+    async def models(self, limit: float | None = None) -> list[dict[str, Any]]:
+        response = await self._request("GET", "/v1/models", limit)
         data: list[dict[str, Any]] = response.json()["data"]
         return data
 

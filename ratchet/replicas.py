@@ -272,7 +272,10 @@ class EngineSet:
             self.events.replica_ready(replica.url, replica.ready)
 
     async def _load_missing(self, replica: Replica, wanted: Sequence[Adapter]) -> None:
-        listed = {m["id"] for m in await replica.client.models() if m.get("parent")}
+        # The listing is part of the check: a replica that froze right after answering
+        # /health must count as a miss within the health timeout, not the admin one.
+        models = await replica.client.models(replica.client.timeouts.health)
+        listed = {m["id"] for m in models if m.get("parent")}
         if replica.ready and any(a.engine_name not in listed for a in wanted):
             # Healthy, yet an adapter is gone: it restarted between two checks.
             log.warning("engine %s lost its adapters; reloading", replica.url)
