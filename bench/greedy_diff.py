@@ -92,7 +92,7 @@ def hf_side(
             enc = tokenizer(texts[start : start + batch], return_tensors="pt", padding=True,
                             add_special_tokens=False)  # fmt: skip
             with torch.no_grad():
-                ids = model.generate(  # type: ignore[no-untyped-call]
+                ids = model.generate(
                    **enc, do_sample=False, max_new_tokens=max_tokens,
                                      pad_token_id=tokenizer.pad_token_id)  # fmt: skip
             new = ids[:, enc["input_ids"].shape[1] :]

@@ -51,7 +51,7 @@ class RunCancelled(TrainerError):
     """The run was cancelled while it trained."""
 
 
-class RunRecorder(TrainerCallback):
+class RunRecorder(TrainerCallback):  # type: ignore[misc]  # transformers is not analysed
     """Writes progress and metrics of a TRL run into its `runs` row; obeys cancel."""
 
     def __init__(self, conninfo: str, run_id: int, progress: Progress | None) -> None:
