@@ -21,7 +21,7 @@ import json
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -32,7 +32,14 @@ from psycopg_pool import AsyncConnectionPool
 from feedback import comparisons, completions, voters, votes
 from feedback.comparisons import Choice
 from feedback.completions import CompletionRecord, CompletionStatus
-from feedback.errors import AlreadyDecided, StorageUnavailable
+from feedback.errors import (
+    AlreadyDecided,
+    FeedbackError,
+    NotTheOwner,
+    StorageUnavailable,
+    UnknownCompletion,
+    VoteCapExceeded,
+)
 from feedback.spool import Entry, Spool, SpoolFile, SpoolFull, read_batch
 from feedback.voters import Caller, Voter, VoteRules
 from feedback.votes import Ballot
@@ -63,6 +70,19 @@ class LogStats:
     replayed: int = 0
     dead: int = 0
     refused: int = 0
+
+
+class _NothingSpooled(Exception):
+    """No vote of a batch could be spooled; each one's outcome says why."""
+
+
+def _receipt(cast: votes.Cast) -> VoteReceipt | FeedbackError:
+    if cast.error is not None:
+        return cast.error
+    vote = cast.vote
+    assert vote is not None
+    voter = voters.owner(vote.key_id, vote.end_user)
+    return VoteReceipt(voter, vote.comment, vote.correction, cast.updated)
 
 
 class _Recent(OrderedDict[uuid.UUID, Any]):
@@ -157,38 +177,82 @@ class AnswerLog:
 
     async def vote(self, ballot: Ballot, caller: Caller, rules: VoteRules) -> VoteReceipt:
         """Record a vote; UnknownCompletion, NotTheOwner, VoteCapExceeded as `votes.cast`."""
+        (done,) = await self.votes([(ballot, caller)], rules)
+        if isinstance(done, FeedbackError):
+            raise done
+        return done
+
+    async def votes(
+        self, ballots: Sequence[tuple[Ballot, Caller]], rules: VoteRules
+    ) -> list[VoteReceipt | FeedbackError]:
+        """Record votes in one transaction, each checked as `vote` checks one: a
+        refused one (UnknownCompletion, NotTheOwner, VoteCapExceeded, or while the
+        database is down StorageUnavailable) stores nothing and stops no other.
+        VoterBusy, or the database and spool both unavailable, refuses them all."""
         at = datetime.now(UTC)
 
-        async def direct(conn: AsyncConnection) -> VoteReceipt:
-            vote = await votes.cast(conn, ballot, caller, rules, at)
-            voter = voters.owner(vote.key_id, vote.end_user)
-            updated = vote.updated_at != vote.created_at
-            return VoteReceipt(voter, vote.comment, vote.correction, updated)
+        async def direct(conn: AsyncConnection) -> list[VoteReceipt | FeedbackError]:
+            done = await votes.cast_many(conn, ballots, rules, at)
+            return [_receipt(cast) for cast in done]
 
-        def spooled() -> Entry:
+        spooled: list[VoteReceipt | FeedbackError] = []
+        try:
+            stored = await self._write(
+                direct, lambda: self._spool_votes(ballots, rules, at, spooled)
+            )
+        except UnknownCompletion:
+            if len(ballots) == 1:
+                raise
+            # An answer disappeared between the checks and the write: one at a time.
+            return [await self._one(ballot, caller, rules) for ballot, caller in ballots]
+        except _NothingSpooled:
+            return spooled
+        return stored if stored is not None else spooled
+
+    async def _one(
+        self, ballot: Ballot, caller: Caller, rules: VoteRules
+    ) -> VoteReceipt | FeedbackError:
+        try:
+            return await self.vote(ballot, caller, rules)
+        except (UnknownCompletion, NotTheOwner, VoteCapExceeded) as exc:
+            return exc
+
+    def _spool_votes(
+        self,
+        ballots: Sequence[tuple[Ballot, Caller]],
+        rules: VoteRules,
+        at: datetime,
+        outcomes: list[VoteReceipt | FeedbackError],
+    ) -> Entry:
+        """The spool entry of the votes that can be checked without the database
+        (on answers this gateway gave recently); `outcomes` gets each one's fate."""
+        ops: Entry = []
+        for ballot, caller in ballots:
             owner = self._answers.get(ballot.completion_id)
-            voter = voters.resolve(owner, caller, rules.per_answer) if owner is not None else None
+            try:
+                voter = voters.resolve(owner, caller, rules.per_answer) if owner else None
+            except NotTheOwner as exc:
+                outcomes.append(exc)
+                continue
             if voter is None:  # unknown here, or another key's: the same answer
-                raise StorageUnavailable(
-                    "The database is unavailable and this answer is not one this gateway "
-                    "gave recently, so the vote cannot be checked now; please retry.",
-                    code="database_unavailable",
+                outcomes.append(
+                    StorageUnavailable(
+                        "The database is unavailable and this answer is not one this "
+                        "gateway gave recently, so the vote cannot be checked now; please "
+                        "retry.",
+                        code="database_unavailable",
+                    )
                 )
-            spooled_as.append(voter)
-            op = {
-                "op": "vote",
-                **ballot.model_dump(),
-                "end_user": voter.end_user,
-                "key_id": voter.key_id,
-                "at": at,
-            }
-            return [op]
-
-        spooled_as: list[Voter] = []
-        done = await self._write(direct, spooled)
-        if done is not None:
-            return done
-        return VoteReceipt(spooled_as[0], ballot.comment, ballot.correction, False)
+                continue
+            outcomes.append(VoteReceipt(voter, ballot.comment, ballot.correction, False))
+            fields = {"end_user": voter.end_user, "key_id": voter.key_id, "at": at}
+            ops.append({"op": "vote", **ballot.model_dump(), **fields})
+        if not ops:
+            first = outcomes[0]
+            if len(outcomes) == 1 and isinstance(first, FeedbackError):
+                raise first
+            raise _NothingSpooled
+        return ops
 
     async def comparison(
         self,

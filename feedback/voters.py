@@ -75,36 +75,48 @@ def resolve(answer_owner: Voter, caller: Caller, per_answer: PerAnswer) -> Voter
     return Voter(key_id=answer_owner.key_id, end_user=named)
 
 
-async def lock(conn: AsyncConnection, voter: Voter) -> None:
-    """Serialize one voter's writes until the transaction ends, so that concurrent
-    votes cannot all pass the day cap's count."""
-    await conn.execute("SET LOCAL lock_timeout = '1s'")
+async def lock(conn: AsyncConnection, *who: Voter) -> None:
+    """Serialize these voters' writes until the transaction ends, so that concurrent
+    votes cannot all pass the day cap's count. Locks are taken in one order (by their
+    hash), so two batches that share voters cannot deadlock."""
     try:
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-            (f"voter:{voter.key_id}:{voter.end_user}",),
-        )
+        async with conn.pipeline():
+            await conn.execute("SET LOCAL lock_timeout = '1s'")
+            await conn.execute(
+                "SELECT count(pg_advisory_xact_lock(h)) FROM (SELECT DISTINCT"
+                " hashtextextended(v, 0) AS h FROM unnest(%s::text[]) AS v ORDER BY h) AS s",
+                ([f"voter:{v.key_id}:{v.end_user}" for v in who],),
+            )
     except errors.LockNotAvailable as exc:
         raise VoterBusy("this voter's other votes are being written; retry in a moment") from exc
+
+
+# What each voter (key, end user) cast in the last 24 hours, and seconds until the
+# oldest of it leaves the window. Voters without a key are not capped: not counted.
+DAY_COUNTS = (
+    "WITH who AS (SELECT * FROM unnest(%(k)s::uuid[], %(u)s::text[]) AS w(k, u)"
+    "  WHERE k IS NOT NULL),"
+    " mine AS ("
+    " SELECT w.k, w.u, v.created_at AS at FROM who w JOIN votes v"
+    "  ON v.key_id = w.k AND v.end_user = w.u AND v.created_at > now() - interval '1 day'"
+    " UNION ALL"
+    " SELECT w.k, w.u, c.decided_at FROM who w JOIN comparisons c"
+    "  ON c.chooser_key_id = w.k AND c.chooser = w.u"
+    "  AND c.decided_at > now() - interval '1 day')"
+    " SELECT k, u, count(*), extract(epoch FROM min(at) + interval '1 day' - now())"
+    " FROM mine GROUP BY k, u"
+)
+
+
+def day_count_params(who: list[Voter]) -> dict[str, list[uuid.UUID | None] | list[str]]:
+    return {"k": [v.key_id for v in who], "u": [v.end_user for v in who]}
 
 
 async def check_day_cap(conn: AsyncConnection, voter: Voter, cap: int) -> None:
     """Raise VoteCapExceeded when the voter cast `cap` votes and choices in the last
     24 hours. Call under `lock`. A voter without a key (ops voting on an answer no
     key received) is not capped."""
-    if voter.key_id is None:
-        return
-    cur = await conn.execute(
-        "WITH mine AS ("
-        " SELECT created_at AS at FROM votes WHERE key_id = %(k)s AND end_user = %(u)s"
-        "  AND created_at > now() - interval '1 day'"
-        " UNION ALL"
-        " SELECT decided_at FROM comparisons WHERE chooser_key_id = %(k)s AND chooser = %(u)s"
-        "  AND decided_at > now() - interval '1 day')"
-        " SELECT count(*), extract(epoch FROM min(at) + interval '1 day' - now()) FROM mine",
-        {"k": voter.key_id, "u": voter.end_user},
-    )
+    cur = await conn.execute(DAY_COUNTS, day_count_params([voter]))
     row = await cur.fetchone()
-    assert row is not None
-    if row[0] >= cap:
-        raise VoteCapExceeded(cap, retry_after=max(1, int(row[1] or 0) + 1))
+    if row is not None and row[2] >= cap:
+        raise VoteCapExceeded(cap, retry_after=max(1, int(row[3] or 0) + 1))

@@ -7,29 +7,38 @@ as whom: `feedback.voters`.
 
 import uuid
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from feedback.errors import (
     AlreadyDecided,
+    FeedbackError,
     NotTheOwner,
+    StorageUnavailable,
     UnknownComparison,
     UnknownCompletion,
     VoteCapExceeded,
     VoterBusy,
 )
+from feedback.log import VoteReceipt
 from feedback.voters import Caller, VoteRules
 from feedback.votes import Ballot
 from ratchet.keys import ApiKey
 from serve.deps import ChatKey, Services, ServicesDep, requests_window, require
 from serve.errors import (
+    APIError,
     Conflict,
     Forbidden,
     InvalidRequest,
     NotFound,
     TooManyRequests,
     Unauthorized,
+    Unavailable,
+    error_body,
+    unsupported_parameter,
 )
 from serve.ids import COMPARISON_ID, COMPLETION_ID
 from serve.protocol import (
@@ -44,9 +53,17 @@ from serve.quotas import estimate_tokens, quota_headers
 from serve.tokens import Kind
 
 router = APIRouter(prefix="/v1", tags=["feedback"])
+BATCH_MAX = 100  # votes in one POST /v1/feedback/batch
 Authorization = Annotated[str | None, Header()]
 # ChatKey's own dependency, called only when no feedback token is sent.
 _chat_key = require("chat").dependency
+
+
+class FeedbackBatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Each item is validated on its own, so that one bad item refuses only itself.
+    votes: list[Any] = Field(min_length=1, max_length=BATCH_MAX)
 
 
 @router.post("/feedback")
@@ -65,37 +82,143 @@ async def give_feedback(
     "ft1.…"}`. By default only the end user the answer was generated for votes on it
     (`user` unset or that user; another user: 403), so an answer has one live vote.
     Another key's answer is 404, like an unknown id."""
-    uid = COMPLETION_ID.parse(request.completion_id)
     via = _Via(http, response, services, authorization, request.feedback_token)
-    caller = await _caller(via, ("completion", uid), request.user)
+    ballot = await _ballot(request, await _caller(via, _target(request), request.user), services)
+    (done,) = await _votes(services, [ballot])
+    return _answer(request, done, services)
+
+
+@router.post("/feedback/batch")
+async def give_feedback_batch(
+    batch: FeedbackBatchRequest,
+    http: Request,
+    response: Response,
+    services: ServicesDep,
+    authorization: Authorization = None,
+) -> JSONResponse:
+    """Up to 100 votes in one call, each checked as `POST /v1/feedback` checks one:
+    `{"votes": [{completion_id, rating, ...}, ...]}` → `{"object": "list", "data":
+    [{"index", "status", ...}]}`, where each item is what the single call would answer
+    (its body, or `error` in OpenAI's shape) with its HTTP status. A refused item stores
+    nothing and keeps no other from being stored. One API key for the whole call
+    (counted once against its requests per minute); an item may carry its own
+    `feedback_token` instead."""
+    key = None
+    if authorization is not None or any(_token(v) is None for v in batch.votes):
+        key = await _chat_key(
+            request=http, response=response, services=services, authorization=authorization
+        )
+    results: list[dict[str, Any] | None] = [None] * len(batch.votes)
+    requests: list[FeedbackRequest] = []
+    ballots: list[tuple[Ballot, Caller]] = []
+    for index, item in enumerate(batch.votes):
+        try:
+            request = _item(item)
+            via = _Via(http, response, services, authorization, request.feedback_token, key)
+            caller = await _caller(via, _target(request), request.user)
+            ballots.append(await _ballot(request, caller, services))
+            requests.append(request)
+        except APIError as exc:
+            results[index] = _failed(index, exc)
+    outcomes = iter(await _votes(services, ballots) if ballots else [])
+    pending = iter(requests)
+    for index, result in enumerate(results):
+        if result is None:
+            request, done = next(pending), next(outcomes)
+            try:
+                vote = _answer(request, done, services)
+            except APIError as exc:
+                results[index] = _failed(index, exc)
+            else:
+                results[index] = {"index": index, "status": 200, **vote.model_dump()}
+    return JSONResponse({"object": "list", "data": results}, headers=dict(response.headers))
+
+
+async def _votes(
+    services: Services, ballots: list[tuple[Ballot, Caller]]
+) -> list[VoteReceipt | FeedbackError]:
+    try:
+        return await services.answers.votes(ballots, _rules(services))
+    except VoterBusy as exc:
+        raise TooManyRequests(str(exc), code="voter_busy", retry_after=1) from exc
+
+
+def _item_error(exc: ValidationError) -> InvalidRequest:
+    """A batch item's schema error, worded as the single call's (serve.errors)."""
+    errors = exc.errors()
+    first = next((e for e in errors if e.get("type") == "extra_forbidden"), errors[0])
+    parts = [str(p) for p in first.get("loc", ()) if not _union_member(p)]
+    param = ".".join(parts) or None
+    if first.get("type") == "extra_forbidden" and param:
+        return unsupported_parameter(param)
+    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+    return InvalidRequest(message, param=param, code="invalid_value")
+
+
+def _union_member(part: Any) -> bool:
+    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool"})
+
+
+def _token(item: Any) -> str | None:
+    token = item.get("feedback_token") if isinstance(item, dict) else None
+    return token if isinstance(token, str) else None
+
+
+def _item(item: Any) -> FeedbackRequest:
+    """One vote of a batch, refused as the single call refuses its body."""
+    try:
+        return FeedbackRequest.model_validate(item, from_attributes=True)  # as FastAPI does
+    except ValidationError as exc:
+        raise _item_error(exc) from exc
+
+
+def _target(request: FeedbackRequest) -> tuple[Kind, uuid.UUID | None]:
+    return "completion", COMPLETION_ID.parse(request.completion_id)
+
+
+async def _ballot(
+    request: FeedbackRequest, caller: Caller, services: Services
+) -> tuple[Ballot, Caller]:
+    """The vote, once its caller is known: an unknown id, then the correction's cap."""
+    uid = COMPLETION_ID.parse(request.completion_id)
     if uid is None:
         raise _unknown_completion(request.completion_id)
     _check_correction(request.correction, services.settings.max_correction_chars)
+    rating = 1 if request.rating == "up" else -1
     ballot = Ballot(
-        completion_id=uid,
-        rating=1 if request.rating == "up" else -1,
-        comment=request.comment,
-        correction=request.correction,
+        completion_id=uid, rating=rating, comment=request.comment, correction=request.correction
     )
-    try:
-        vote = await services.answers.vote(ballot, caller, _rules(services))
-    except UnknownCompletion as exc:
-        raise _unknown_completion(request.completion_id) from exc
-    except NotTheOwner as exc:
-        raise _not_owner("answer", exc) from exc
-    except VoteCapExceeded as exc:
-        raise _over_cap(exc) from exc
-    except VoterBusy as exc:
-        raise TooManyRequests(str(exc), code="voter_busy", retry_after=1) from exc
+    return ballot, caller
+
+
+def _answer(
+    request: FeedbackRequest, done: VoteReceipt | FeedbackError, services: Services
+) -> FeedbackResponse:
+    """The client's view of one vote's outcome (raising its error)."""
+    if isinstance(done, UnknownCompletion):
+        raise _unknown_completion(request.completion_id) from done
+    if isinstance(done, NotTheOwner):
+        raise _not_owner("answer", done) from done
+    if isinstance(done, VoteCapExceeded):
+        raise _over_cap(done) from done
+    if isinstance(done, StorageUnavailable):
+        raise Unavailable(done.message, code=done.code, retry_after=done.retry_after) from done
+    if isinstance(done, FeedbackError):
+        raise done
     services.metrics.votes.labels(request.rating).inc()
     return FeedbackResponse(
         completion_id=request.completion_id,
         rating=request.rating,
-        user=vote.voter.end_user or None,
-        comment=vote.comment,
-        correction=vote.correction,
-        updated=vote.updated,
+        user=done.voter.end_user or None,
+        comment=done.comment,
+        correction=done.correction,
+        updated=done.updated,
     )
+
+
+def _failed(index: int, exc: APIError) -> dict[str, Any]:
+    body = error_body(exc.message, exc.type, exc.param, exc.code)
+    return {"index": index, "status": exc.status_code, **body}
 
 
 @router.post("/comparisons")
@@ -168,6 +291,7 @@ class _Via:
     services: Services
     authorization: str | None
     token: str | None
+    key: ApiKey | None = None  # already authenticated (a batch's key)
 
 
 async def _caller(via: _Via, target: tuple[Kind, uuid.UUID | None], user: str | None) -> Caller:
@@ -185,7 +309,7 @@ async def _caller(via: _Via, target: tuple[Kind, uuid.UUID | None], user: str | 
                 code="invalid_feedback_token",
             )
         return Caller(key_id=grant.key_id, user=user, as_owner=True)
-    key: ApiKey = await _chat_key(
+    key = via.key or await _chat_key(
         request=via.request,
         response=via.response,
         services=via.services,
