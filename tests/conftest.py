@@ -23,9 +23,28 @@ from tests.helpers import (
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "leaves_a_replica_dead: kills an engine of the pair; runs after the others"
+    )
+
+
+def run_order(item: pytest.Item) -> tuple[bool, bool, bool, bool]:
+    """Tests that restart the shared engine run last, so the others never wait on it.
+    Of those, the ones on the two engines of their own come last, the chaos package's
+    together (its fixtures are set up once), and one that leaves an engine dead at the
+    very end: nobody has to wait for that engine to come back."""
+    uses_pair = "engine_processes" in getattr(item, "fixturenames", ())
+    return (
+        item.get_closest_marker("disruptive") is not None,
+        uses_pair,
+        uses_pair and "chaos" in item.path.parts,
+        item.get_closest_marker("leaves_a_replica_dead") is not None,
+    )
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Tests that restart the shared engine run last, so the others never wait on it.
-    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
+    items.sort(key=run_order)
 
 
 @pytest.fixture(scope="session")
@@ -118,12 +137,32 @@ def no_candidate(database_url: str) -> None:
         time.sleep(Settings().registry_cache_seconds + 0.2)  # let gateways' caches expire
 
 
+@pytest.fixture
+def engine_pair(engine_processes: list[Engine]) -> list[Engine]:
+    """Both engines of the pair, up and healthy."""
+    for engine in engine_processes:
+        engine.wait_healthy()
+    return engine_processes
+
+
+@pytest.fixture
+def engine_processes(engine_launch: list[Engine]) -> list[Engine]:
+    """The pair's processes, each running (one a test before left dead is started again),
+    not necessarily healthy yet."""
+    for engine in engine_launch:
+        if not engine.alive():
+            engine.start()
+    return engine_launch
+
+
 @pytest.fixture(scope="session")
-def engine_pair(
+def engine_launch(
     base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[Engine]]:
     """Two vLLM engines of the tests' own, for the replica and chaos tests (which run
-    last, one after the other). Each test leaves both running.
+    last, one after the other), started but maybe not healthy yet (`engine_pair` waits
+    for them), so that a test's own set-up runs while they come up. A test may leave one
+    dead (killed to see what follows); it is started again only if a later test needs it.
 
     Two engines on one box get a core each, as vLLM's CPU docs advise. Left to
     auto-binding, both pin their workers to the same core, and the one that is
@@ -134,8 +173,6 @@ def engine_pair(
     try:
         for engine in pair:
             engine.start()
-        for engine in pair:
-            engine.wait_healthy()
         yield pair
     finally:
         for engine in pair:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +65,14 @@ def wait_until_ended(conninfo: str, uid: str, timeout: float = 30) -> dict[str, 
         assert time.monotonic() < deadline, "row never left 'streaming'"
         time.sleep(0.2)
     return row
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str = "it") -> None:
+    """Poll `condition` until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
 
 
 def counts(conninfo: str) -> dict[str, int]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from tests.helpers import auth, query
+from tests.helpers import auth, query, wait_for
 
 QUESTIONS = ["Name a color.", "Say hi.", "Count to three.", "Name a fruit.", "What is 2+2?"]
 
@@ -40,8 +40,13 @@ class Ledger:
     slowest_503_s: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def ok(self) -> int:
+        """Responses with a 2xx so far."""
+        with self.lock:
+            return sum(n for s, n in self.statuses.items() if 200 <= s < 300)
+
     def summary(self, fault: str, lost: int) -> dict[str, Any]:
-        ok = sum(n for s, n in self.statuses.items() if 200 <= s < 300)
+        ok = self.ok()
         return {
             "fault": fault,
             "sent": self.sent,
@@ -90,6 +95,11 @@ class Load:
         for worker in self._workers:
             worker.join(timeout=120)
         return self.ledger
+
+    def wait_served(self, more: int, timeout: float = 120) -> None:
+        """Until `more` requests more than now have got a 2xx."""
+        wanted = self.ledger.ok() + more
+        wait_for(lambda: self.ledger.ok() >= wanted, timeout, f"{more} more answers")
 
     def run(self, seconds: float) -> Ledger:
         self.start()

@@ -9,15 +9,10 @@ import httpx
 import pytest
 
 from tests.chaos.conftest import ThrowawayPostgres, chaos_env, report, serve
-from tests.chaos.load import Ledger, Load, check_stored, unfinished
-from tests.helpers import Engine, Gateway
+from tests.chaos.load import Load, check_stored, unfinished
+from tests.helpers import Engine, Gateway, wait_for
 
 pytestmark = [pytest.mark.disruptive, pytest.mark.timeout(600)]
-
-
-def ok(ledger: Ledger) -> int:
-    with ledger.lock:
-        return sum(n for s, n in ledger.statuses.items() if 200 <= s < 300)
 
 
 def readyz(gateway: Gateway) -> dict[str, object]:
@@ -44,6 +39,22 @@ def wait_drained(gateway: Gateway, timeout: float = 60) -> None:
         time.sleep(0.5)
 
 
+def check(gateway: Gateway, name: str) -> object:
+    checks = readyz(gateway)["checks"]
+    assert isinstance(checks, dict)
+    return checks[name]
+
+
+def storage(gateway: Gateway) -> object:
+    return check(gateway, "storage")
+
+
+def wait_database_back(gateway: Gateway, load: Load) -> None:
+    """Until the gateway sees the database again, and serves a few requests more on it."""
+    wait_for(lambda: check(gateway, "database") is True, 60, "the database to be seen again")
+    load.wait_served(10)
+
+
 def wait_no_streaming(database_url: str, timeout: float = 30) -> dict[str, int]:
     deadline = time.monotonic() + timeout
     while (left := unfinished(database_url))["streaming"] and time.monotonic() < deadline:
@@ -62,9 +73,9 @@ def test_postgres_down_for_30_s_loses_nothing(
     gateway = serve(env, chaos_data / "pg-down.log")
     try:
         load = Load(gateway.url, keys["chat"], threads=4, seed=1).start()
-        time.sleep(5)  # keys and the production mapping are in the gateway's caches now
+        load.wait_served(12)  # keys and the production mapping are in the caches now
         pg.stop()
-        before, outage = ok(load.ledger), time.monotonic()
+        before, outage = load.ledger.ok(), time.monotonic()
         depths, databases = [], []
         while time.monotonic() - outage < 30:
             time.sleep(3)
@@ -72,11 +83,11 @@ def test_postgres_down_for_30_s_loses_nothing(
             depths.append(body["spool"]["entries"])  # type: ignore[index]
             databases.append(body["checks"]["database"])  # type: ignore[index]
             assert body["status"] == "ready", body  # it still serves, from the spool
-        during = ok(load.ledger) - before
+        during = load.ledger.ok() - before
         assert metric(gateway, "ratchet_database_up") == 0
         assert metric(gateway, "ratchet_spool_entries") > 0
         pg.start()
-        time.sleep(8)
+        wait_database_back(gateway, load)
         ledger = load.stop()
         wait_drained(gateway)
         assert metric(gateway, "ratchet_spool_replayed_total") > 0
@@ -115,12 +126,14 @@ def test_with_the_spool_full_or_off_requests_get_a_fast_503(
     gateway = serve(env, chaos_data / f"spool-{name}.log")
     try:
         load = Load(gateway.url, keys["chat"], threads=4, seed=2).start()
-        time.sleep(3)
+        load.wait_served(8)  # keys are in the gateway's cache now
         pg.stop()
-        time.sleep(8)
+        # Twice the refusals the test asks for, and readiness has seen the outage.
+        wait_for(lambda: load.ledger.statuses[503] > 20, 60, "refusals")
+        wait_for(lambda: storage(gateway) is False, 30, "readiness to see it")
         refused = readyz(gateway)
         pg.start()
-        time.sleep(3)
+        wait_database_back(gateway, load)
         ledger = load.stop()
         wait_drained(gateway)
     finally:

@@ -3,7 +3,6 @@ during a promotion; and a report goes stale when production changes under it."""
 
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from ratchet.registry import Adapter
 from tests.chaos.conftest import ThrowawayPostgres, chaos_env, report, serve
 from tests.chaos.load import Load, check_stored, unfinished
 from tests.chaos.test_gateway import stream
-from tests.helpers import Engine, Gateway, auth, query
+from tests.helpers import Engine, Gateway, auth, query, wait_for
 from tests.serve.test_report_page import report as minimal_report
 
 pytestmark = [pytest.mark.disruptive, pytest.mark.timeout(900)]
@@ -24,13 +23,6 @@ def engines_view(gateway: Gateway, ops: str) -> dict[str, dict[str, Any]]:
     response = httpx.get(gateway.url + "/v1/admin/engines", headers=auth(ops), timeout=10)
     assert response.status_code == 200, response.text
     return {r["url"]: r for r in response.json()["data"]}
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def post(
@@ -73,10 +65,12 @@ def test_a_frozen_replica_is_left_within_the_timeouts_and_comes_back(
 ) -> None:
     first, second = engine_pair
     gateway = serve(chaos_env(pg, chaos_data, base_model_dir, engine_pair), chaos_data / "f.log")
+    already = {e.url: served_by(pg.url, e.url) for e in engine_pair}
     load = Load(gateway.url, keys["chat"], threads=6, seed=4).start()
     looks: list[tuple[bool, bool]] = []
     try:
-        time.sleep(4)
+        wait_for(lambda: all(served_by(pg.url, url) >= n + 3 for url, n in already.items()),
+                 60, "both replicas to serve")  # fmt: skip
         second.freeze()
         frozen = time.monotonic()
         wait_for(lambda: not engines_view(gateway, keys["ops"])[second.url]["ready"], 10,
@@ -90,7 +84,8 @@ def test_a_frozen_replica_is_left_within_the_timeouts_and_comes_back(
         second.thaw()
         wait_for(lambda: engines_view(gateway, keys["ops"])[second.url]["ready"], 30,
                  "the thawed replica to be ready")  # fmt: skip
-        time.sleep(4)
+        wait_for(lambda: served_by(pg.url, second.url) > before_thaw, 30,
+                 "the thawed replica to serve")  # fmt: skip
     finally:
         second.thaw()
         ledger = load.stop()
@@ -221,6 +216,7 @@ def test_approving_a_report_made_against_an_older_production_is_refused(
     assert audit["overrode"] == "evaluation_stale"  # the forced promotion says what it overrode
 
 
+@pytest.mark.leaves_a_replica_dead  # the next test to need it starts it again
 def test_an_engine_killed_mid_stream_ends_its_streams_with_an_error_event(
     pg: ThrowawayPostgres,
     keys: dict[str, str],
@@ -242,19 +238,16 @@ def test_an_engine_killed_mid_stream_ends_its_streams_with_an_error_event(
         second.kill()
         for client in clients:
             client.join(timeout=120)
-        time.sleep(1)  # the aborted rows are written as the streams end
-        rows = {
-            r["id"].replace("-", ""): r
-            for r in query(
-                pg.url,
-                "SELECT id::text, status, output, engine_url FROM completions"
-                " WHERE id = ANY(%s::uuid[])",
-                [s["id"].split("-", 1)[1] for s in seen],
-            )  # fmt: skip
-        }
+        ids = [s["id"].split("-", 1)[1] for s in seen]
+
+        def ended() -> list[dict[str, Any]]:  # the aborted rows are written as streams end
+            return query(pg.url, "SELECT id::text, status, output, engine_url FROM completions"
+                         " WHERE id = ANY(%s::uuid[]) AND status <> 'streaming'", ids)  # fmt: skip
+
+        wait_for(lambda: len(ended()) == len(ids), 10, "every stream's row to be written")
+        rows = {r["id"].replace("-", ""): r for r in ended()}
     finally:
         assert gateway.stop() == 0, gateway.log()
-        second.start()  # the engines are shared: bring it back for the tests after this one
     on = {s["id"]: rows[s["id"].split("-", 1)[1]] for s in seen}
     killed = [s for s in seen if on[s["id"]]["engine_url"] == second.url]
     kept = [s for s in seen if on[s["id"]]["engine_url"] == first.url]
@@ -275,4 +268,3 @@ def test_an_engine_killed_mid_stream_ends_its_streams_with_an_error_event(
         "evaluations_without_job": 0,
         "runs_without_job": 0,
     }
-    second.wait_healthy()

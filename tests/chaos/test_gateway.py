@@ -18,7 +18,7 @@ from ratchet import jobs
 from ratchet.registry import Adapter
 from tests.chaos.conftest import ThrowawayPostgres, chaos_env, report, serve
 from tests.chaos.load import Load, check_stored, unfinished
-from tests.helpers import Engine, auth, free_port, query
+from tests.helpers import Engine, auth, free_port, query, wait_for
 
 pytestmark = [pytest.mark.disruptive, pytest.mark.timeout(600)]
 
@@ -39,6 +39,10 @@ def ask_for_evaluations(url: str, ops: str, adapter: Adapter, stop: threading.Ev
         stop.wait(0.3)
 
 
+def queued(url: str) -> list[dict[str, Any]]:
+    return query(url, "SELECT id FROM evaluations WHERE status = 'queued'")
+
+
 def test_a_gateway_killed_under_load_loses_nothing_acknowledged(
     pg: ThrowawayPostgres,
     keys: dict[str, str],
@@ -57,13 +61,15 @@ def test_a_gateway_killed_under_load_loses_nothing_acknowledged(
     )
     operator.start()
     try:
-        time.sleep(12)
+        # Answers, votes and comparisons are flowing, and an evaluation is queued.
+        load.wait_served(30)
+        wait_for(lambda: bool(queued(pg.url)), 30, "an evaluation to be queued")
         first.process.send_signal(signal.SIGKILL)
         first.process.wait(timeout=30)
         killed_at = time.monotonic()
         second = serve(env, chaos_data / "restarted.log", port=port)  # the clients come back
         restarted_in = time.monotonic() - killed_at
-        time.sleep(10)
+        load.wait_served(30)  # served again, by the new gateway
     finally:
         ledger = load.stop()
         stop.set()
@@ -76,7 +82,7 @@ def test_a_gateway_killed_under_load_loses_nothing_acknowledged(
         # A worker starting now would queue again a row whose job the kill cut off.
         asyncio.run(worker_sweep(pg.url))
         left = unfinished(pg.url)
-        asked = query(pg.url, "SELECT id FROM evaluations WHERE status = 'queued'")
+        asked = queued(pg.url)
     finally:
         assert second.stop() == 0, second.log()
         # Nobody runs a worker on this database: leave no work queued for later tests.

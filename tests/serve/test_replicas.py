@@ -5,7 +5,7 @@ requests keep succeeding on the other one."""
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from tests.helpers import (
     query,
     register_adapter,
     start_gateway,
+    wait_for,
 )
 
 pytestmark = [pytest.mark.disruptive, pytest.mark.timeout(1500)]
@@ -34,8 +35,9 @@ GREEDY = {"temperature": 0, "max_tokens": 16,
 
 
 @pytest.fixture
-def engines(engine_pair: list[Engine]) -> list[Engine]:
-    return engine_pair
+def engines(engine_processes: list[Engine]) -> list[Engine]:
+    """The two engines, maybe still coming up: the test's own set-up runs meanwhile."""
+    return engine_processes
 
 
 def engines_view(gateway: Gateway, key: str) -> dict[str, dict[str, Any]]:
@@ -67,9 +69,13 @@ def test_adapters_stay_consistent_across_replicas(
             "RATCHET_ENGINE_URLS": f"{first.url},{second.url}",
             "RATCHET_ENGINE_CHECK_INTERVAL_S": "0.5",
         }
+        lora = make_lora(base_model_dir, tmp_path / "data" / "imports" / "lora", seed=11)
         gateway = start_gateway(env, tmp_path / "gateway.log")
         try:
-            check_consistency(gateway, engines, ops, chat, database_url, base_model_dir, tmp_path)
+            for engine in engines:
+                engine.wait_healthy()
+            wait_for(lambda: all(r["ready"] for r in engines_view(gateway, ops).values()), 60)
+            check_consistency(gateway, engines, ops, chat, database_url, lora)
         finally:
             assert gateway.stop() == 0, gateway.log()
 
@@ -80,12 +86,10 @@ def check_consistency(
     ops: str,
     chat: str,
     database_url: str,
-    base_model_dir: Path,
-    tmp_path: Path,
+    lora: Path,
 ) -> None:
     first, second = engines
     base_answer = ask(gateway, chat)
-    lora = make_lora(base_model_dir, tmp_path / "data" / "imports" / "lora", seed=11)
     registered = register_adapter(gateway, ops, lora)
     assert registered.status_code == 201, registered.text
     name = registered.json()["engine_name"]
@@ -131,8 +135,11 @@ def check_consistency(
             assert time.monotonic() < deadline, gateway.log()
             time.sleep(0.2)
         assert name in second.adapters()
-        served = len(results)
-        wait_for(lambda: len(results) >= served + 6, 180)
+        # Until the restarted replica has answered through the adapter, and the client
+        # has had a few answers more.
+        served, ready_at = len(results), query(database_url, "SELECT now() AS t")[0]["t"]
+        wait_for(lambda: answered_by(database_url, second.url, ready_at) > 0, 180)
+        wait_for(lambda: len(results) >= served + 3, 180)
     finally:
         stop.set()
         client.join(timeout=180)
@@ -153,18 +160,23 @@ def check_consistency(
     assert {r["output"] for r in rows} == {answer}
 
 
+def answered_by(database_url: str, url: str, since: datetime) -> int:
+    """Answers from production's adapter that `url` gave to requests made since then."""
+    rows = query(
+        database_url,
+        "SELECT count(*) AS n FROM completions WHERE engine_url = %s AND created_at > %s"
+        " AND public_model = 'production' AND adapter_sha256 IS NOT NULL",
+        url,
+        since,
+    )
+    return int(rows[0]["n"])
+
+
 def ask(gateway: Gateway, key: str) -> str:
     response = httpx.post(gateway.url + "/v1/chat/completions", headers=auth(key),
                           json={"model": "production", **GREEDY}, timeout=120)  # fmt: skip
     assert response.status_code == 200, response.text
     return str(response.json()["choices"][0]["message"]["content"])
-
-
-def wait_for(condition: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
 
 
 def test_headless_service_addresses_become_replicas() -> None:
