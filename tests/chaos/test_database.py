@@ -92,9 +92,11 @@ def test_postgres_down_for_30_s_loses_nothing(
         wait_drained(gateway)
         assert metric(gateway, "ratchet_spool_replayed_total") > 0
     finally:
-        if not pg.up():
-            pg.start()
-        assert gateway.stop() == 0, gateway.log()
+        try:
+            if not pg.up():
+                pg.start()
+        finally:
+            assert gateway.stop() == 0, gateway.log()
     lost = check_stored(ledger, pg.url)
     report(ledger.summary("Postgres stopped for 30 s", len(lost)))
     assert not ledger.violations, ledger.violations[:5]
@@ -137,9 +139,11 @@ def test_with_the_spool_full_or_off_requests_get_a_fast_503(
         ledger = load.stop()
         wait_drained(gateway)
     finally:
-        if not pg.up():
-            pg.start()
-        assert gateway.stop() == 0, gateway.log()
+        try:
+            if not pg.up():
+                pg.start()
+        finally:
+            assert gateway.stop() == 0, gateway.log()
     lost = check_stored(ledger, pg.url)
     report(ledger.summary(f"Postgres stopped, spool {name}", len(lost)))
     assert not ledger.violations, ledger.violations[:5]
