@@ -49,9 +49,10 @@ async def answer_all(
     model: str,
     prompts: Sequence[Prompt],
     max_tokens: int,
-    concurrency: int,
+    limit: asyncio.Semaphore,
 ) -> list[Answer]:
-    limit = asyncio.Semaphore(concurrency)
+    """Every prompt answered by `model`; `limit` bounds the requests in flight (one
+    semaphore for both models lets the engine batch their requests together)."""
 
     async def one(i: int, prompt: Prompt) -> Answer:
         async with limit:

@@ -31,6 +31,7 @@ from ratchet.engine import EngineClient
 from ratchet.registry import Adapter
 from ratchet.replicas import EngineSet
 from ratchet.report import (
+    Answer,
     BenchmarkScore,
     DiffItem,
     JudgeResult,
@@ -279,18 +280,28 @@ async def _greedy(
         if production is not None:
             await greedy.ensure_loaded(engine, production.engine_name, production.path)
         cfg = settings.eval
-        prod_answers = await greedy.answer_all(
-            engine,
-            production.engine_name if production else base_name,
-            prompts,
-            cfg.diff_max_tokens,
-            cfg.diff_concurrency,
-        )
-        await progress("greedy diff", 0.5)
-        cand_answers = await greedy.answer_all(
-            engine, candidate.engine_name, prompts, cfg.diff_max_tokens, cfg.diff_concurrency
-        )
-        await progress("greedy diff", 1.0)
+        limit = asyncio.Semaphore(cfg.diff_concurrency)
+        answered = 0
+
+        async def answers(model: str) -> list[Answer]:
+            nonlocal answered
+            result = await greedy.answer_all(engine, model, prompts, cfg.diff_max_tokens, limit)
+            answered += 1
+            await progress("greedy diff", answered / 2)
+            return result
+
+        # Both models at once: the engine batches base and LoRA requests together, so
+        # neither model's last few answers run in a batch of their own.
+        both = [
+            asyncio.ensure_future(answers(production.engine_name if production else base_name)),
+            asyncio.ensure_future(answers(candidate.engine_name)),
+        ]
+        try:
+            prod_answers, cand_answers = await asyncio.gather(*both)
+        except BaseException:
+            for pending in both:
+                pending.cancel()
+            raise
     finally:
         await engine.aclose()
     return greedy.compare(prompts, prod_answers, cand_answers)
