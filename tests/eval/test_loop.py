@@ -38,7 +38,10 @@ STYLE = "Short answer:"
 # What marks an answer as written in the chosen style: its opening or its closing words.
 MARKERS = ("short answer", "all there is to say")
 TRAIN = ["--learning-rate", "2e-4", "--max-steps", "40", "--batch-size", "4"]
-ITEMS = 40  # per offline benchmark (the default is 300): about a minute per model on CPU
+# Per offline benchmark (the default is 300). Here they check the wiring (every task
+# scored, per item, for every model); what passes or fails these adapters is held-out
+# preference, over the snapshot's own pairs.
+ITEMS = 20
 # Two trainings and three models scored: longer than the suite's per-test limit.
 pytestmark = pytest.mark.timeout(2700)
 ARTIFACTS = Path(os.environ.get("RATCHET_TEST_ARTIFACTS", ROOT / "test-artifacts"))
@@ -195,7 +198,7 @@ def harmful(
         data = snapshots.require(conn, snapshot_id).load("pairs")
     swapped = data.rename_columns({"chosen": "rejected", "rejected": "chosen"})
     # Fewer steps than the helpful one: unlearning the preference takes less.
-    config = TrainConfig(learning_rate=2e-4, max_steps=24, batch_size=4)
+    config = TrainConfig(learning_rate=2e-4, max_steps=16, batch_size=4)
     result = train(str(base_model_dir), swapped, config, tmp_path_factory.mktemp("swapped"))
     sha, stored = registry.store_files(result.adapter_dir, data_dir / "adapters")
 

@@ -110,7 +110,7 @@ def test_worker_runs_the_queued_training(
         "RATCHET_DATA_DIR": str(data_dir),
         "RATCHET_ENGINE_URL": client.app.state.services.engines.first().base_url,  # type: ignore[attr-defined]
         "RATCHET_EVAL__TASKS": "[]",
-        "RATCHET_EVAL__DIFF_MAX_TOKENS": "32",
+        "RATCHET_EVAL__DIFF_MAX_TOKENS": "8",  # wiring only: the gate tests read the answers
     }
     worker = subprocess.run(
         [RATCHET, "worker", "--once"], env=env, capture_output=True, text=True, timeout=600
