@@ -17,6 +17,7 @@ plus choices. Replacing one's own vote on an answer is never blocked by it: it a
 no row and no weight, and a user must be able to change their mind.
 """
 
+import json
 import uuid
 from dataclasses import dataclass
 from typing import Literal
@@ -94,7 +95,7 @@ async def lock(conn: AsyncConnection, *who: Voter) -> None:
 # What each voter (key, end user) cast in the last 24 hours, and seconds until the
 # oldest of it leaves the window. Voters without a key are not capped: not counted.
 DAY_COUNTS = (
-    "WITH who AS (SELECT * FROM unnest(%(k)s::uuid[], %(u)s::text[]) AS w(k, u)"
+    "WITH who AS (SELECT * FROM jsonb_to_recordset(%(who)s::jsonb) AS w(k uuid, u text)"
     "  WHERE k IS NOT NULL),"
     " mine AS ("
     " SELECT w.k, w.u, v.created_at AS at FROM who w JOIN votes v"
@@ -108,8 +109,10 @@ DAY_COUNTS = (
 )
 
 
-def day_count_params(who: list[Voter]) -> dict[str, list[uuid.UUID | None] | list[str]]:
-    return {"k": [v.key_id for v in who], "u": [v.end_user for v in who]}
+def day_count_params(who: list[Voter]) -> dict[str, str]:
+    # One JSON parameter: psycopg dumps each element of a list parameter in Python.
+    rows = [{"k": str(v.key_id) if v.key_id else None, "u": v.end_user} for v in who]
+    return {"who": json.dumps(rows)}
 
 
 async def check_day_cap(conn: AsyncConnection, voter: Voter, cap: int) -> None:
