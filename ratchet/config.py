@@ -113,6 +113,11 @@ class TrainConfig(BaseModel):
         default=None, description="None: on for CUDA, off on CPU (it only costs time there)."
     )
     qlora: bool = Field(default=False, description="4-bit QLoRA via bitsandbytes; CUDA only.")
+    precompute_ref_log_probs: bool = Field(
+        default=True,
+        description="DPO: score the reference (the base, adapter off) once per pair before "
+        "training instead of at every step; the same forwards for one epoch, fewer for more.",
+    )
     min_pairs: int = Field(
         default=8, ge=1, description="Refuse to train on fewer rows (pairs, or KTO rows)."
     )

@@ -156,4 +156,9 @@ def _algorithm(config: TrainConfig, work_dir: Path, cuda: bool, bf16: bool) -> t
     from trl.trainer.dpo_config import DPOConfig
     from trl.trainer.dpo_trainer import DPOTrainer
 
-    return DPOTrainer, DPOConfig(**common, loss_type=list(config.loss_type))
+    return DPOTrainer, DPOConfig(
+        **common,
+        loss_type=list(config.loss_type),
+        # TRL 1.16 defaults to False: a reference forward at every step.
+        precompute_ref_log_probs=config.precompute_ref_log_probs,
+    )
