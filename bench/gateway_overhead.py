@@ -1,18 +1,20 @@
 """Gateway overhead: the same workload straight to vLLM and through the gateway.
 
     .venv/bin/python bench/gateway_overhead.py [--rounds 4] [--requests 16]
+    .venv/bin/python bench/gateway_overhead.py --engine-url http://127.0.0.1:8000 --only-idle
 
-Starts `ratchet serve` (which supervises a vLLM CPU engine) on free ports, on the
-configured database (DATABASE_URL, or the embedded one), with answer logging on as
-in production. Rounds alternate direct / gateway in ABBA order so that drift on a
-noisy machine falls on both sides alike. Each round sends `--requests` chat
-completions, 16 at a time, with 128 forced tokens (`ignore_eos`), so both sides
-generate exactly the same number of tokens.
+Starts `ratchet serve` (which supervises a vLLM CPU engine, or with `--engine-url`
+uses a running one for both sides) on free ports, on the configured database
+(DATABASE_URL, or the embedded one), with answer logging on as in production. Rounds
+alternate direct / gateway in ABBA order so that drift on a noisy machine falls on
+both sides alike. Each round sends `--requests` chat completions, 16 at a time, with
+128 forced tokens (`ignore_eos`), so both sides generate exactly the same number of
+tokens.
 
 Figures: throughput ratio (gateway tok/s over direct tok/s, non-streamed and
 streamed), p50 latency added under that load, and p50 added to a lone 1-token
 request (the gateway's own cost, without queueing noise). The last line of output
-is one JSON object of the figures.
+is one JSON object of the figures (`--only-idle`: the lone-request ones alone).
 """
 
 import argparse
@@ -116,6 +118,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--stream-rounds", type=int, default=2, help="streamed rounds per side")
     parser.add_argument("--probes", type=int, default=60)
+    parser.add_argument("--engine-url", help="a running vLLM server to use instead of starting one")
+    parser.add_argument(
+        "--only-idle", action="store_true", help="only the lone requests (a quick check)"
+    )
     args = parser.parse_args()
 
     settings = Settings()
@@ -134,6 +140,7 @@ def main() -> None:
         env = {
             "RATCHET_DATA_DIR": str(settings.data_dir),
             "RATCHET_ENGINE_PORT": str(engine_port),
+            "RATCHET_ENGINE_URL": args.engine_url or "",
             "RATCHET_BASE_MODEL": str(model_dir),
             # Both sides generate exactly max_tokens: ignore_eos, which ops must allow.
             "RATCHET_EXTRA_REQUEST_FIELDS": '["ignore_eos"]',
@@ -142,7 +149,7 @@ def main() -> None:
             env["DATABASE_URL"] = conninfo
         gw = start_gateway(env, Path(tmp) / "serve.log")
         try:
-            engine = f"http://127.0.0.1:{engine_port}"
+            engine = args.engine_url or f"http://127.0.0.1:{engine_port}"
             engine_model = httpx.get(engine + "/v1/models").json()["data"][0]["id"]
             figures = asyncio.run(measure(args, (engine, engine_model), (gw.url, "base")))
         finally:
@@ -157,7 +164,8 @@ async def measure(
     for url, model in (direct, gateway):  # warm-up
         await round_(url, KEY, model, 16, args.concurrency, 16, False)
     figures: dict[str, float] = {}
-    for stream, rounds in ((False, args.rounds), (True, args.stream_rounds)):
+    plans = () if args.only_idle else ((False, args.rounds), (True, args.stream_rounds))
+    for stream, rounds in plans:
         tps: dict[str, list[float]] = {"d": [], "g": []}
         lats: dict[str, list[float]] = {"d": [], "g": []}
         order = "dggd" * (rounds // 2)

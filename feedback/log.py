@@ -17,6 +17,7 @@ only holds votes for this gateway's recent answers, one live vote per voter each
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
@@ -147,8 +149,11 @@ class AnswerLog:
     # -- writes --------------------------------------------------------------
 
     async def completion(self, record: CompletionRecord) -> None:
-        op = {"op": "completion", "row": record.model_dump(mode="json")}
-        await self._write(lambda conn: completions.insert(conn, record), lambda: [op])
+        await self._write(
+            lambda conn: completions.insert(conn, record),
+            lambda: [{"op": "completion", "row": record.model_dump(mode="json")}],
+            one_statement=True,
+        )
         self._answers.remember(record.id, voters.owner(record.key_id, record.end_user))
 
     async def finish(
@@ -172,7 +177,9 @@ class AnswerLog:
         }
         op = {"op": "finish", "id": str(completion_id), **fields}
         await self._write(
-            lambda conn: completions.finish(conn, completion_id, **fields), lambda: [op]
+            lambda conn: completions.finish(conn, completion_id, **fields),
+            lambda: [op],
+            one_statement=True,
         )
 
     async def vote(self, ballot: Ballot, caller: Caller, rules: VoteRules) -> VoteReceipt:
@@ -335,15 +342,21 @@ class AnswerLog:
         self,
         direct: Callable[[AsyncConnection], Awaitable[T]],
         spooled: Callable[[], Entry],
+        *,
+        one_statement: bool = False,
     ) -> T | None:
         """Write to the database, or to the spool when it is down (None then).
         `spooled` checks what can be checked without the database (raising to refuse)
-        and gives the spool entry."""
+        and gives the spool entry. `one_statement`: `direct` runs a single statement,
+        which is then its own transaction (see `_autocommit`)."""
         if self.watch.up and not self.spooling:
             try:
                 async with asyncio.timeout(self.write_timeout):
-                    async with self.pool.connection() as conn, conn.transaction():
-                        return await direct(conn)
+                    async with self.pool.connection() as conn:
+                        if one_statement:
+                            return await _autocommit(conn, direct)
+                        async with conn.transaction():
+                            return await direct(conn)
             except Exception as exc:
                 # It may have committed all the same: replays are idempotent.
                 if not (unavailable(exc) or isinstance(exc, TimeoutError)):
@@ -434,6 +447,20 @@ class AnswerLog:
             await asyncio.to_thread(_append_line, dead, line)
             return
         self.stats.replayed += 1
+
+
+async def _autocommit(
+    conn: AsyncConnection, direct: Callable[[AsyncConnection], Awaitable[T]]
+) -> T:
+    """Run one statement in autocommit mode: it commits in the round trip that sends
+    it, where BEGIN, the statement and COMMIT take three (an answer's id waits on it)."""
+    await conn.set_autocommit(True)
+    try:
+        return await direct(conn)
+    finally:
+        # Only fails on a connection left mid-query (cancelled), which the pool drops.
+        with contextlib.suppress(psycopg.Error):
+            await conn.set_autocommit(False)
 
 
 def _append_line(path: Any, line: str) -> None:

@@ -142,6 +142,7 @@ async def _stop(services: Services, supervisor: EngineSupervisor | None) -> None
         services.shutdown.aclose(),
         services.housekeeping.aclose(),
         services.chat.drain(),
+        services.router.aclose(),
         _flush(services),
         services.answers.aclose(),
         supervisor.stop() if supervisor else asyncio.sleep(0),

@@ -51,7 +51,9 @@ class Services:
     shutdown: Shutdown
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop
+    # on every request for what is one attribute read.
     services: Services = request.app.state.services
     return services
 

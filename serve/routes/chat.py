@@ -1,7 +1,5 @@
-from typing import Any
-
-from fastapi import APIRouter, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from serve.deps import ChatKey, ServicesDep, requests_window
 from serve.protocol import ChatCompletionRequest
@@ -16,8 +14,7 @@ async def chat_completions(
     key: ChatKey,
     services: ServicesDep,
     http: Request,
-    response: Response,
-) -> dict[str, Any] | StreamingResponse:
+) -> JSONResponse | StreamingResponse:
     """OpenAI chat completions on `base`, `production` or `candidate`, logged with provenance.
 
     The key's tokens are reserved and a concurrency slot taken once the request is
@@ -32,8 +29,9 @@ async def chat_completions(
     if not request.stream:
         with admission.slot:
             answer = await services.chat.complete(request, target, key)
-        response.headers.update(headers)
-        return answer
+        # A response, not the dict: FastAPI would walk the engine's JSON through
+        # jsonable_encoder first. `headers` holds the requests window `require` set.
+        return JSONResponse(answer, headers=headers)
     try:
         chunks = await services.chat.open_stream(request, target, key)
     except BaseException:
