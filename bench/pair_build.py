@@ -4,14 +4,17 @@
 
 Creates a scratch database on the configured server (DATABASE_URL, default the local
 test server), loads answers, votes and comparisons with COPY, then times the real
-`ratchet data build` command (process start, SQL rules, parquet files, all of it).
-The last line of output is one JSON object of the figures.
+`ratchet data build --timings` command (process start, SQL rules, parquet files, all
+of it). The last line of output is one JSON object of the figures; `stages` holds the
+seconds of each stage the command reported, and `outside_stages_s` what is left of
+the total (process start, imports, the migration check).
 """
 
 import argparse
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -29,6 +32,7 @@ from tests.helpers import fresh_database  # noqa: E402
 
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/test"
 WORDS = "the a model answer explains light colour sky because of scattering and more".split()
+STAGE = re.compile(r"^stage (\w+): ([0-9.]+) s$")
 
 
 def load(url: str, n_answers: int, votes_per_answer: int, per_prompt: int, seed: int) -> int:
@@ -122,7 +126,7 @@ def main() -> None:
             env = {**os.environ, "DATABASE_URL": url, "RATCHET_DATA_DIR": data_dir}
             started = time.perf_counter()
             done = subprocess.run(
-                [str(Path(sys.executable).parent / "ratchet"), "data", "build"],
+                [str(Path(sys.executable).parent / "ratchet"), "data", "build", "--timings"],
                 env=env,
                 capture_output=True,
                 text=True,
@@ -130,6 +134,10 @@ def main() -> None:
             )
             seconds = time.perf_counter() - started
         print(done.stdout.strip(), flush=True)
+        stages = {
+            m[1]: float(m[2]) for line in done.stderr.splitlines() if (m := STAGE.match(line))
+        }
+        total = stages.pop("total", sum(stages.values()))
         with psycopg.connect(url) as conn:
             row = conn.execute("SELECT count(*) FROM pairs").fetchone()
             sources = conn.execute("SELECT count(*) FROM pair_sources").fetchone()
@@ -143,6 +151,8 @@ def main() -> None:
                     "votes_per_s": round(votes / seconds),
                     "pairs": row[0],
                     "pair_sources": sources[0],
+                    "stages": {k: round(v, 2) for k, v in stages.items()},
+                    "outside_stages_s": round(seconds - total, 2),
                 }
             )
         )

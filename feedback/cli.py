@@ -10,7 +10,6 @@ from rich.table import Table
 
 from feedback.errors import FeedbackError
 from feedback.pairs import build as builder
-from feedback.pairs import export as exporter
 from feedback.pairs import snapshots
 from feedback.pairs.stats import stats
 from ratchet.cli_support import err, load_settings, migrated_database
@@ -21,16 +20,27 @@ data_app = typer.Typer(help="Preference datasets built from votes.", no_args_is_
 @data_app.command("build")
 def data_build(
     min_pairs: Annotated[int, typer.Option(help="Refuse to build below this many pairs.")] = 1,
+    timings: Annotated[
+        bool, typer.Option("--timings", help="Print each stage's seconds (on stderr).")
+    ] = False,
 ) -> None:
     """Build an immutable snapshot; its id is printed alone on the last line."""
     settings = load_settings()
+    stages = builder.Timings()
     with migrated_database(settings) as url:
         try:
             with err.status("building preference pairs…"):
-                snapshot = builder.build(url, settings.pairs, settings.snapshots_dir, min_pairs)
+                snapshot = builder.build(
+                    url, settings.pairs, settings.snapshots_dir, min_pairs, stages
+                )
         except FeedbackError as exc:
             err.print(f"[red]{exc}[/red]")
             raise typer.Exit(1) from exc
+        finally:
+            if timings:
+                for stage, seconds in stages.items():
+                    err.print(f"stage {stage}: {seconds:.2f} s", highlight=False)
+                err.print(f"stage total: {sum(stages.values()):.2f} s", highlight=False)
     counts = builder.Counts.model_validate(snapshot.counts)
     typer.echo(f"pairs by rule: {counts.pairs}; by split: {counts.splits}; kto: {counts.kto}")
     typer.echo(f"content sha256: {snapshot.content_sha256}; files in {snapshot.path}")
@@ -44,6 +54,9 @@ def data_export(
     out: Annotated[Path, typer.Option(help="Directory (trl, axolotl) or file (jsonl).")],
 ) -> None:
     """Export a snapshot's pairs for a trainer."""
+    # Here, not at the top: `datasets` takes seconds to import, and every command pays.
+    from feedback.pairs import export as exporter
+
     if fmt not in exporter.FORMATS:
         raise typer.BadParameter(
             f"must be one of {', '.join(exporter.FORMATS)}", param_hint="--format"

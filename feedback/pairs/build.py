@@ -29,6 +29,30 @@ log = logging.getLogger(__name__)
 # A preview's rows are written under this id and rolled back.
 _PREVIEW_ID = 0
 
+# For the build's own transaction. The server's default work_mem (4 MB) sends every
+# sort, hash and aggregate of a large build to disk; temporary tables live in
+# temp_buffers (8 MB by default), which must be raised before the first one is made;
+# and the planner's row estimates for the rules' joins are far too high, which turns
+# on JIT compilation that costs seconds and saves nothing here.
+_TUNING = (
+    "SET LOCAL work_mem = '256MB'",
+    "SET LOCAL temp_buffers = '512MB'",
+    "SET LOCAL jit = off",
+)
+
+
+class Timings(dict[str, float]):
+    """Seconds per stage of one build, in the order the stages ran."""
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - started
+            log.info("pair build %s: %.2f s", name, self[name])
+
 
 class Counts(BaseModel):
     """What a build found, kept and dropped."""
@@ -52,12 +76,22 @@ def _transaction(conninfo: str) -> Iterator[Connection[dict[str, Any]]]:
     with psycopg.connect(conninfo, row_factory=dict_row) as conn:
         conn.isolation_level = IsolationLevel.REPEATABLE_READ  # one consistent view
         with conn.transaction():
+            _tune(conn)
             yield conn
 
 
+def _tune(conn: Connection[dict[str, Any]]) -> None:
+    for statement in _TUNING:
+        conn.execute(statement)
+
+
 def _run_rules(
-    conn: Connection[dict[str, Any]], settings: PairSettings, snapshot_id: int
+    conn: Connection[dict[str, Any]],
+    settings: PairSettings,
+    snapshot_id: int,
+    timings: Timings | None = None,
 ) -> Counts:
+    timings = Timings() if timings is None else timings
     production = conn.execute(
         "SELECT to_adapter_id AS id FROM promotions ORDER BY id DESC LIMIT 1"
     ).fetchone()
@@ -70,10 +104,10 @@ def _run_rules(
         ("kto_rows", lambda: rules.kto_rows(conn, p, snapshot_id)),
     ]
     for name, step in steps:
-        started = time.perf_counter()
-        step()
-        log.info("pair rule %s: %.2f s", name, time.perf_counter() - started)
-    return _counts(conn, snapshot_id)
+        with timings.stage(name):
+            step()
+    with timings.stage("counts"):
+        return _counts(conn, snapshot_id)
 
 
 def _counts(conn: Connection[dict[str, Any]], snapshot_id: int) -> Counts:
@@ -93,7 +127,9 @@ def _counts(conn: Connection[dict[str, Any]], snapshot_id: int) -> Counts:
         " WHERE dropped IS NOT NULL OR (net = 0 AND cardinality(vote_ids) > 0) GROUP BY 1"
     )
     dropped_pairs = grouped(
-        "SELECT dropped AS k, count(*) AS n FROM candidates WHERE dropped IS NOT NULL GROUP BY 1"
+        "SELECT k, sum(n) AS n FROM ("
+        " SELECT dropped AS k, count(*) AS n FROM candidates WHERE dropped IS NOT NULL GROUP BY 1"
+        " UNION ALL SELECT reason, n FROM set_aside) d GROUP BY 1"
     )
     for reason in ("duplicate", "identical"):
         if one[reason]:
@@ -131,23 +167,37 @@ def preview(conninfo: str, settings: PairSettings) -> Counts:
         conn.isolation_level = IsolationLevel.REPEATABLE_READ
         tx = conn.transaction(force_rollback=True)
         with tx:
+            _tune(conn)
             return _run_rules(conn, settings, _PREVIEW_ID)
 
 
 def build(
-    conninfo: str, settings: PairSettings, snapshots_dir: Path, min_pairs: int = 1
+    conninfo: str,
+    settings: PairSettings,
+    snapshots_dir: Path,
+    min_pairs: int = 1,
+    timings: Timings | None = None,
 ) -> Snapshot:
-    """Write a new immutable snapshot; raise NotEnoughPairs (and write nothing) below min_pairs."""
+    """Write a new immutable snapshot; raise NotEnoughPairs (and write nothing) below min_pairs.
+
+    `timings`, when given, receives each stage's seconds."""
+    timings = Timings() if timings is None else timings
     target: Path | None = None
     try:
+        started = time.perf_counter()
         with _transaction(conninfo) as conn:
+            timings["connect"] = time.perf_counter() - started
             snapshot_id = int(_scalar(conn, "SELECT nextval('snapshots_id_seq')"))
-            counts = _run_rules(conn, settings, snapshot_id)
+            counts = _run_rules(conn, settings, snapshot_id, timings)
             if counts.total_pairs < min_pairs:
                 raise NotEnoughPairs(counts.total_pairs, min_pairs, counts.model_dump())
-            pairs, kto = _rows(conn, snapshot_id)
+            with timings.stage("read_rows"):
+                pairs, kto = _rows(conn, snapshot_id)
             target = snapshots_dir / str(snapshot_id)
-            hashes = files.write(target, pairs, kto)
+            with timings.stage("parquet"):
+                hashes = files.write(target, pairs, kto)
+            with timings.stage("content_hash"):
+                content = content_sha256(pairs, kto)
             cutoff: datetime = _scalar(conn, "SELECT now()")
             conn.execute(
                 "INSERT INTO snapshots (id, cutoff, settings, counts, content_sha256, path, files)"
@@ -157,12 +207,14 @@ def build(
                     cutoff,
                     Jsonb(settings.model_dump()),
                     Jsonb(counts.model_dump()),
-                    content_sha256(pairs, kto),
+                    content,
                     str(target),
                     Jsonb(hashes),
                 ),
             )
             snapshot = get(conn, snapshot_id)
+            started = time.perf_counter()
+        timings["commit"] = time.perf_counter() - started
     except BaseException:
         if target is not None and target.exists():
             shutil.rmtree(target, ignore_errors=True)

@@ -12,15 +12,15 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from datasets import Dataset, DatasetDict, Features, Value
+from datasets import Dataset, DatasetDict, Features, List, Value
 
 from feedback.errors import FeedbackError
-from feedback.pairs.files import MESSAGES
 from feedback.pairs.snapshots import Snapshot
 
 Format = Literal["trl", "axolotl", "jsonl"]
 FORMATS: tuple[Format, ...] = ("trl", "axolotl", "jsonl")
 _MESSAGE = {"role": Value("string"), "content": Value("string")}
+MESSAGES = List(_MESSAGE)
 AXOLOTL_FEATURES = Features({"conversation": MESSAGES, "chosen": _MESSAGE, "rejected": _MESSAGE})
 
 

@@ -5,32 +5,63 @@ message each), plus `id` and `rule`; KTO files hold `prompt`, `completion` and
 `label`. Files are written to a temporary directory and renamed into place.
 """
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from datasets import Dataset, DatasetDict, Features, List, Value
 
 from feedback.errors import SnapshotCorrupted
 from ratchet.hashing import sha256_file
 
+if TYPE_CHECKING:
+    from datasets import DatasetDict
+
 SPLITS = ("train", "test")
-MESSAGES = List({"role": Value("string"), "content": Value("string")})
+
+
+def _string() -> tuple[pa.DataType, dict[str, Any]]:
+    return pa.string(), {"dtype": "string", "_type": "Value"}
+
+
+def _messages() -> tuple[pa.DataType, dict[str, Any]]:
+    role, content = _string(), _string()
+    arrow = pa.list_(pa.struct([("role", role[0]), ("content", content[0])]))
+    return arrow, {"feature": {"role": role[1], "content": content[1]}, "_type": "List"}
+
+
+def _schema(columns: dict[str, tuple[pa.DataType, dict[str, Any]]]) -> pa.Schema:
+    """An Arrow schema carrying its Hugging Face features, as `Features.arrow_schema`
+    makes it (a test keeps the two equal), so that `datasets` reads the files back with
+    the same types. Written out here: importing `datasets` costs a build seconds."""
+    features = {name: hf for name, (_, hf) in columns.items()}
+    return pa.schema(
+        [(name, arrow) for name, (arrow, _) in columns.items()],
+        metadata={"huggingface": json.dumps({"info": {"features": features}})},
+    )
+
+
 # Explicit, so that an empty split still has its columns and types.
-PAIR_FEATURES = Features(
+PAIR_SCHEMA = _schema(
     {
-        "id": Value("string"),
-        "rule": Value("string"),
-        "prompt": MESSAGES,
-        "chosen": MESSAGES,
-        "rejected": MESSAGES,
+        "id": _string(),
+        "rule": _string(),
+        "prompt": _messages(),
+        "chosen": _messages(),
+        "rejected": _messages(),
     }
 )
-KTO_FEATURES = Features({"prompt": MESSAGES, "completion": MESSAGES, "label": Value("bool")})
+KTO_SCHEMA = _schema(
+    {
+        "prompt": _messages(),
+        "completion": _messages(),
+        "label": (pa.bool_(), {"dtype": "bool", "_type": "Value"}),
+    }
+)
 
 
 def assistant(text: str) -> list[dict[str, str]]:
@@ -63,8 +94,8 @@ def write(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         for split in SPLITS:
-            _to_parquet(pair_records(pairs[split]), PAIR_FEATURES, tmp / f"pairs-{split}.parquet")
-            _to_parquet(kto_records(kto[split]), KTO_FEATURES, tmp / f"kto-{split}.parquet")
+            _to_parquet(pair_records(pairs[split]), PAIR_SCHEMA, tmp / f"pairs-{split}.parquet")
+            _to_parquet(kto_records(kto[split]), KTO_SCHEMA, tmp / f"kto-{split}.parquet")
         hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         tmp.chmod(0o755)
         if target.exists():  # left by a build whose id the sequence gave out and lost
@@ -76,11 +107,11 @@ def write(
     return hashes
 
 
-def _to_parquet(columns: dict[str, list[Any]], features: Features, path: Path) -> None:
+def _to_parquet(columns: dict[str, list[Any]], schema: pa.Schema, path: Path) -> None:
     # pyarrow converts the nested columns in C++; Dataset.from_dict would encode every
     # example in Python (7 s on 170k pairs). The schema carries the HF features, so
     # datasets reads the files back with the same types.
-    table = pa.Table.from_pydict(columns, schema=features.arrow_schema)
+    table = pa.Table.from_pydict(columns, schema=schema)
     pq.write_table(table, path)
 
 
@@ -97,8 +128,10 @@ def verify(path: Path, files: dict[str, str]) -> None:
             )
 
 
-def load(path: Path, files: dict[str, str], kind: str = "pairs") -> DatasetDict:
+def load(path: Path, files: dict[str, str], kind: str = "pairs") -> "DatasetDict":
     """The snapshot's `pairs` or `kto` data as train/test splits, after verification."""
+    from datasets import Dataset, DatasetDict
+
     verify(path, files)
     # Read with pyarrow: `Dataset.from_parquet` refuses empty files and fills the cache.
     return DatasetDict({s: Dataset(pq.read_table(path / f"{kind}-{s}.parquet")) for s in SPLITS})

@@ -21,8 +21,22 @@ PRIORITY = {"choice": 1, "correction": 2, "thumbs": 3}
 
 
 def _norm(column: str) -> str:
-    """SQL: the text as compared for sameness (case and runs of whitespace ignored)."""
-    return f"lower(btrim(regexp_replace({column}, '\\s+', ' ', 'g')))"
+    """SQL: the text as compared for sameness (case and runs of whitespace ignored):
+    `lower(btrim(regexp_replace(text, '\\s+', ' ', 'g')))`.
+
+    The replace is the costly part (one regex call per whitespace run, seconds over
+    200k answers), so it runs only when a text has a whitespace run or whitespace other
+    than a space or a newline. Otherwise every run is one space or one newline, and
+    turning newlines into spaces gives the same text."""
+    return (
+        f"lower(btrim(CASE WHEN {column} ~ '{_NEEDS_REGEX}'"
+        f" THEN regexp_replace({column}, '\\s+', ' ', 'g')"
+        f" ELSE replace({column}, E'\\n', ' ') END))"
+    )
+
+
+# SQL regex: two whitespace characters in a row, or one that is neither ' ' nor '\n'.
+_NEEDS_REGEX = "\\s\\s|(?![ \\n])\\s"
 
 
 def _split(column: str) -> str:
@@ -52,46 +66,66 @@ def answers(conn: Connection[Any], p: dict[str, Any]) -> None:
     may not be used, the reason: `incomplete_answer`, `stale_model` (not from the
     current production model or the base, unless `models: all`), `long_prompt` (over
     `max_prompt_tokens`), `short_answer` (under `min_answer_tokens`)."""
+    # `norm` is only ever compared for answers that may be used: a pair with a dropped
+    # answer is dropped whatever its texts, so theirs is not computed (''). The texts
+    # themselves stay in `completions`: the few rows written out fetch them by id.
     conn.execute(
         f"""
         CREATE TEMP TABLE answers ON COMMIT DROP AS
         WITH scored AS (
             SELECT completion_id AS id, sum(rating)::int AS net,
-                   array_agg(id) AS vote_ids
+                   array_agg(id ORDER BY id) AS vote_ids
             FROM votes GROUP BY completion_id
         ), compared AS (
             SELECT completion_a AS id FROM comparisons WHERE choice IS NOT NULL
             UNION SELECT completion_b FROM comparisons WHERE choice IS NOT NULL
-        ), touched AS (SELECT id FROM scored UNION SELECT id FROM compared)
-        SELECT c.id, c.prompt_sha256, c.messages, c.output,
-               md5({_norm("coalesce(c.output, '')")}) AS norm,
-               coalesce(s.net, 0) AS net, coalesce(s.vote_ids, '{{}}') AS vote_ids,
-               CASE
-                 WHEN c.status <> 'complete' OR c.output IS NULL THEN 'incomplete_answer'
-                 WHEN NOT (%(all_models)s OR c.adapter_id IS NULL
-                           OR c.adapter_id IS NOT DISTINCT FROM %(production)s) THEN 'stale_model'
-                 WHEN coalesce(c.prompt_tokens, 0) > %(max_prompt)s THEN 'long_prompt'
-                 WHEN coalesce(c.completion_tokens, 0) < %(min_tokens)s THEN 'short_answer'
-               END AS dropped
-        FROM touched t JOIN completions c ON c.id = t.id
-        LEFT JOIN scored s ON s.id = t.id
+        ), touched AS (
+            SELECT coalesce(s.id, x.id) AS id, coalesce(s.net, 0) AS net,
+                   coalesce(s.vote_ids, '{{}}') AS vote_ids
+            FROM scored s FULL JOIN compared x ON x.id = s.id
+        ), checked AS (
+            SELECT c.id, c.prompt_sha256, c.output, t.net, t.vote_ids,
+                   CASE
+                     WHEN c.status <> 'complete' OR c.output IS NULL THEN 'incomplete_answer'
+                     WHEN NOT (%(all_models)s OR c.adapter_id IS NULL
+                               OR c.adapter_id IS NOT DISTINCT FROM %(production)s)
+                       THEN 'stale_model'
+                     WHEN coalesce(c.prompt_tokens, 0) > %(max_prompt)s THEN 'long_prompt'
+                     WHEN coalesce(c.completion_tokens, 0) < %(min_tokens)s THEN 'short_answer'
+                   END AS dropped
+            FROM touched t JOIN completions c ON c.id = t.id
+        )
+        SELECT id, prompt_sha256,
+               CASE WHEN dropped IS NULL THEN md5({_norm("output")}) ELSE '' END AS norm,
+               net, vote_ids, dropped
+        FROM checked
         """,
         p,
     )
     conn.execute("CREATE INDEX ON answers (prompt_sha256)")
     conn.execute("ANALYZE answers")  # temp tables are never auto-analyzed
     conn.execute(
-        """
+        f"""
         CREATE TEMP TABLE candidates (
             rule text NOT NULL, prompt_sha256 text NOT NULL,
             chosen_id uuid, rejected_id uuid NOT NULL,
             chosen_text text,  -- only when the chosen text is no logged answer (corrections)
             ch text NOT NULL, rh text NOT NULL,  -- md5 of the normalized texts
-            chosen_votes bigint[] NOT NULL, rejected_votes bigint[] NOT NULL,
+            -- the vote behind a correction; a thumbs pair rests on every vote on its two
+            -- answers (`answers.vote_ids`), a choice on its comparison
+            vote_id bigint,
             comparison_id uuid, dropped text,
-            cid bigint GENERATED ALWAYS AS IDENTITY  -- last: the rules insert by position
+            -- last: the rules insert by position
+            cid bigint GENERATED ALWAYS AS IDENTITY,
+            -- orders a voter's pairs in `voter_cap`: the hash of the pair key, as a uuid
+            -- (it sorts as its hex text does, and fast); one-to-one with the pair key
+            ord uuid GENERATED ALWAYS AS (md5({_pair_key()})::uuid) STORED
         ) ON COMMIT DROP
         """
+    )
+    # Dropped candidates counted without a row each (thumbs pairs over the cap per prompt).
+    conn.execute(
+        "CREATE TEMP TABLE set_aside (reason text NOT NULL, n bigint NOT NULL) ON COMMIT DROP"
     )
 
 
@@ -102,7 +136,7 @@ def choice_pairs(conn: Connection[Any], p: dict[str, Any]) -> None:
     conn.execute(
         """
         INSERT INTO candidates
-        SELECT 'choice', w.prompt_sha256, w.id, l.id, NULL, w.norm, l.norm, '{}', '{}', c.id,
+        SELECT 'choice', w.prompt_sha256, w.id, l.id, NULL, w.norm, l.norm, NULL, c.id,
                coalesce(w.dropped, l.dropped)
         FROM comparisons c
         JOIN answers w ON w.id = CASE c.choice WHEN 'a' THEN c.completion_a ELSE c.completion_b END
@@ -120,11 +154,12 @@ def correction_pairs(conn: Connection[Any], p: dict[str, Any]) -> None:
         f"""
         INSERT INTO candidates
         SELECT 'correction', a.prompt_sha256, NULL, a.id, btrim(v.correction),
-               md5({_norm("v.correction")}), a.norm, '{{}}', ARRAY[v.id], NULL,
+               md5({_norm("v.correction")}), a.norm, v.id, NULL,
                coalesce(a.dropped, CASE WHEN char_length(btrim(v.correction)) < %(min_chars)s
                                         THEN 'short_answer' END)
         FROM votes v JOIN answers a ON a.id = v.completion_id
-        WHERE {_norm("coalesce(v.correction, '')")} <> ''
+        -- (a NULL correction normalizes to '': the first test only spares the second)
+        WHERE v.correction IS NOT NULL AND {_norm("v.correction")} <> ''
         """,
         p,
     )
@@ -136,31 +171,40 @@ def thumbs_pairs(conn: Connection[Any], p: dict[str, Any]) -> None:
     An answer voted both ways counts by its net score; a net of 0 is dropped
     (`net_zero`). At most K pairs per prompt are kept (`pairs_per_prompt`), the widest
     margins first, ties broken by a hash of the two answer ids; the rest are
-    `over_cap`."""
+    `over_cap` (only counted: most of a large build's thumbs pairs are)."""
     conn.execute(
         """
-        INSERT INTO candidates
-        SELECT 'thumbs', prompt_sha256, up_id, down_id, NULL, up_norm, down_norm, up_votes,
-               down_votes, NULL,
+        WITH ranked AS MATERIALIZED (
+        SELECT prompt_sha256, up_id, down_id, up_norm, down_norm,
                CASE WHEN up_norm = down_norm THEN 'identical' WHEN rank > %(k)s THEN 'over_cap' END
+               AS dropped
         FROM (
             SELECT u.prompt_sha256, u.id AS up_id, d.id AS down_id, u.norm AS up_norm,
-                   d.norm AS down_norm, u.vote_ids AS up_votes, d.vote_ids AS down_votes,
-                   -- identical texts are ranked apart: they must not take a capped slot
-                   row_number() OVER (PARTITION BY u.prompt_sha256, u.norm = d.norm
-                       ORDER BY u.net - d.net DESC, md5(u.id::text || d.id::text)) AS rank
+                   d.norm AS down_norm,
+                   -- identical texts are ranked apart: they must not take a capped slot.
+                   -- (Partitions need only equality, so the hash is compared bytewise; the
+                   -- tie-break hash as a uuid sorts as its hex text does.)
+                   row_number() OVER (PARTITION BY u.prompt_sha256 COLLATE "C", u.norm = d.norm
+                       ORDER BY u.net - d.net DESC, md5(u.id::text || d.id::text)::uuid) AS rank
             FROM answers u JOIN answers d ON d.prompt_sha256 = u.prompt_sha256
             WHERE u.net > 0 AND d.net < 0 AND u.dropped IS NULL AND d.dropped IS NULL
-
-        ) ranked
+        ) r
+        ), made AS (
+            INSERT INTO candidates
+            SELECT 'thumbs', prompt_sha256, up_id, down_id, NULL, up_norm, down_norm, NULL, NULL,
+                   dropped
+            FROM ranked WHERE dropped IS DISTINCT FROM 'over_cap'
+        )
+        INSERT INTO set_aside
+        SELECT 'over_cap', count(*) FROM ranked WHERE dropped = 'over_cap' HAVING count(*) > 0
         """,
         p,
     )
 
 
-def _pair_key(alias: str) -> str:
+def _pair_key() -> str:
     """SQL: one pair's identity (prompt, chosen text, rejected text), as `merge` sees it."""
-    return f"md5({alias}.prompt_sha256 || ':' || {alias}.ch || ':' || {alias}.rh)"
+    return "md5(prompt_sha256 || ':' || ch || ':' || rh)"
 
 
 def voter_cap(conn: Connection[Any], p: dict[str, Any]) -> None:
@@ -174,44 +218,47 @@ def voter_cap(conn: Connection[Any], p: dict[str, Any]) -> None:
     the day cap and the one-vote-per-answer rule bound those."""
     if p["voter_share"] >= 1:
         return
+    conn.execute("ANALYZE candidates")  # unanalyzed, it is planned as a few rows
     conn.execute(
-        f"""
-        CREATE TEMP TABLE candidate_voters ON COMMIT DROP AS
-        SELECT c.cid, {_pair_key("c")} AS pair, v.key_id, v.end_user
-        FROM candidates c
-        CROSS JOIN LATERAL unnest(c.chosen_votes || c.rejected_votes) AS u (vote_id)
-        JOIN votes v ON v.id = u.vote_id
-        WHERE c.dropped IS NULL AND c.ch <> c.rh
-        UNION
-        SELECT c.cid, {_pair_key("c")}, x.chooser_key_id, coalesce(x.chooser, '')
-        FROM candidates c JOIN comparisons x ON x.id = c.comparison_id
-        WHERE c.dropped IS NULL AND c.ch <> c.rh
         """
-    )
-    conn.execute(
-        f"""
-        WITH total AS (
-            SELECT count(DISTINCT {_pair_key("c")}) AS n FROM candidates c
-            WHERE c.dropped IS NULL AND c.ch <> c.rh
-        ), mine AS (
-            SELECT key_id, end_user, count(DISTINCT pair) AS n
-            FROM candidate_voters GROUP BY key_id, end_user
-        ), allowed AS (
-            -- mine <= share * (mine + others)  <=>  mine <= share / (1 - share) * others
-            SELECT m.key_id, m.end_user,
-                   greatest(%(voter_floor)s,
-                            floor(%(voter_share)s / (1 - %(voter_share)s) * (t.n - m.n))) AS cap
-            FROM mine m CROSS JOIN total t
+        WITH live AS (
+            SELECT cid, rule, chosen_id, rejected_id, vote_id, comparison_id, ord
+            FROM candidates WHERE dropped IS NULL AND ch <> rh
+        ), made_by AS (  -- (pair, voter) links: the voters behind each live candidate
+            SELECT DISTINCT cid, ord, key_id, end_user FROM (
+                SELECT l.cid, l.ord, v.key_id, v.end_user
+                FROM live l JOIN votes v ON v.completion_id = l.chosen_id
+                WHERE l.rule = 'thumbs'
+                UNION ALL
+                SELECT l.cid, l.ord, v.key_id, v.end_user
+                FROM live l JOIN votes v ON v.completion_id = l.rejected_id
+                WHERE l.rule = 'thumbs'
+                UNION ALL
+                SELECT l.cid, l.ord, v.key_id, v.end_user
+                FROM live l JOIN votes v ON v.id = l.vote_id
+                UNION ALL
+                SELECT l.cid, l.ord, x.chooser_key_id, coalesce(x.chooser, '')
+                FROM live l JOIN comparisons x ON x.id = l.comparison_id
+            ) links
+        ), total AS (
+            SELECT count(DISTINCT ord) AS n FROM live
         ), ranked AS (
-            SELECT cv.cid, a.cap,
-                   dense_rank() OVER (PARTITION BY cv.key_id, cv.end_user
-                                      ORDER BY md5(cv.pair)) AS rank
-            FROM candidate_voters cv
-            JOIN allowed a ON a.key_id IS NOT DISTINCT FROM cv.key_id
-                          AND a.end_user = cv.end_user
+            -- A voter's distinct pairs are counted as the top dense_rank of `ord`. Window
+            -- partitions put NULL keys together, as IS NOT DISTINCT FROM would; they need
+            -- only equality, so end users are compared bytewise.
+            SELECT cid, rank, max(rank) OVER (PARTITION BY key_id, voter) AS mine
+            FROM (SELECT cid, key_id, end_user COLLATE "C" AS voter,
+                         dense_rank() OVER (PARTITION BY key_id, end_user COLLATE "C"
+                                            ORDER BY ord) AS rank
+                  FROM made_by) r
         )
         UPDATE candidates SET dropped = 'voter_cap'
-        WHERE cid IN (SELECT cid FROM ranked WHERE rank > cap)
+        WHERE cid IN (
+            -- mine <= share * (mine + others)  <=>  mine <= share / (1 - share) * others
+            SELECT r.cid FROM ranked r CROSS JOIN total t
+            WHERE r.rank > greatest(%(voter_floor)s,
+                                    floor(%(voter_share)s / (1 - %(voter_share)s) * (t.n - r.mine)))
+        )
         """,
         p,
     )
@@ -234,12 +281,12 @@ def merge(conn: Connection[Any], p: dict[str, Any], snapshot_id: int) -> None:
     conn.execute(
         """
         CREATE TEMP TABLE prompts ON COMMIT DROP AS
-        SELECT prompt_sha256, ratchet_prompt(messages) AS prompt FROM (
-            SELECT DISTINCT ON (a.prompt_sha256) a.prompt_sha256, a.messages
+        SELECT o.prompt_sha256, ratchet_prompt(c.messages) AS prompt FROM (
+            SELECT DISTINCT ON (a.prompt_sha256) a.prompt_sha256, a.id
             FROM (SELECT DISTINCT prompt_sha256 FROM kept) k
             JOIN answers a ON a.prompt_sha256 = k.prompt_sha256
             ORDER BY a.prompt_sha256, a.id
-        ) one_per_prompt
+        ) o JOIN completions c ON c.id = o.id
         """
     )
     order = "CASE rule WHEN 'choice' THEN 1 WHEN 'correction' THEN 2 ELSE 3 END"
@@ -251,8 +298,8 @@ def merge(conn: Connection[Any], p: dict[str, Any], snapshot_id: int) -> None:
         FROM (SELECT DISTINCT ON (pair_id) * FROM kept
               ORDER BY pair_id, {order}, rejected_id, chosen_id, chosen_text) k
         JOIN prompts pr ON pr.prompt_sha256 = k.prompt_sha256
-        JOIN answers ra ON ra.id = k.rejected_id
-        LEFT JOIN answers ca ON ca.id = k.chosen_id
+        JOIN completions ra ON ra.id = k.rejected_id
+        LEFT JOIN completions ca ON ca.id = k.chosen_id
         """,
         {**p, "snapshot": snapshot_id},
     )
@@ -266,7 +313,7 @@ def merge(conn: Connection[Any], p: dict[str, Any], snapshot_id: int) -> None:
               UNION SELECT pair_id, rejected_id FROM kept WHERE rule = 'thumbs') l
         JOIN answers a ON a.id = l.id
         UNION ALL  -- corrections: the vote that carried the correction
-        SELECT %(snapshot)s, pair_id, rejected_id, rejected_votes, NULL
+        SELECT %(snapshot)s, pair_id, rejected_id, ARRAY[vote_id], NULL
         FROM kept WHERE rule = 'correction'
         UNION ALL  -- choices: the comparison, once for each answer
         SELECT %(snapshot)s, k.pair_id, x.completion_id, '{}', k.comparison_id
@@ -291,21 +338,33 @@ def kto_rows(conn: Connection[Any], p: dict[str, Any], snapshot_id: int) -> None
         "  WHERE dropped = 'voter_cap' AND chosen_id IS NOT NULL"
         " UNION SELECT rejected_id FROM candidates WHERE dropped = 'voter_cap'"
     )
+    # ratchet_prompt is costly (a jsonb walk per call): once per distinct conversation,
+    # not once per row. It depends on the messages alone, so the rows are the same.
     conn.execute(
         f"""
+        WITH picked AS (
+            SELECT DISTINCT ON (a.id) a.id, a.prompt_sha256, label
+            FROM (
+                SELECT id, net > 0 AS label, 1 AS source FROM answers
+                WHERE net <> 0 AND dropped IS NULL
+                UNION ALL
+                SELECT unnest(ARRAY[completion_a, completion_b]), false, 2
+                FROM comparisons WHERE choice = 'both_bad'
+            ) s JOIN answers a ON a.id = s.id
+            WHERE a.dropped IS NULL AND NOT EXISTS (SELECT 1 FROM paired WHERE paired.id = a.id)
+            ORDER BY a.id, s.source
+        ), rows AS MATERIALIZED (
+            SELECT p.id, p.prompt_sha256, p.label, c.messages, c.output
+            FROM picked p JOIN completions c ON c.id = p.id
+        ), conversations AS MATERIALIZED (
+            SELECT messages, ratchet_prompt(messages) AS prompt
+            FROM (SELECT DISTINCT messages FROM rows) m
+        )
         INSERT INTO kto_rows (snapshot_id, completion_id, split, prompt_sha256, prompt,
                               completion, label)
-        SELECT DISTINCT ON (a.id) %(snapshot)s, a.id, {_split("a.prompt_sha256")},
-               a.prompt_sha256, ratchet_prompt(a.messages), a.output, label
-        FROM (
-            SELECT id, net > 0 AS label, 1 AS source FROM answers
-            WHERE net <> 0 AND dropped IS NULL
-            UNION ALL
-            SELECT unnest(ARRAY[completion_a, completion_b]), false, 2
-            FROM comparisons WHERE choice = 'both_bad'
-        ) s JOIN answers a ON a.id = s.id
-        WHERE a.dropped IS NULL AND NOT EXISTS (SELECT 1 FROM paired WHERE paired.id = a.id)
-        ORDER BY a.id, s.source
+        SELECT %(snapshot)s, r.id, {_split("r.prompt_sha256")}, r.prompt_sha256, m.prompt,
+               r.output, r.label
+        FROM rows r JOIN conversations m ON m.messages = r.messages
         """,
         {**p, "snapshot": snapshot_id},
     )

@@ -2,15 +2,17 @@
 
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from datasets import DatasetDict
 from psycopg import Connection
 from psycopg.rows import class_row
 from pydantic import BaseModel
 
 from feedback.errors import UnknownSnapshot
 from feedback.pairs import files
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
 
 _COLUMNS = "id, created_at, cutoff, settings, counts, content_sha256, path, files"
 
@@ -25,7 +27,7 @@ class Snapshot(BaseModel):
     path: str
     files: dict[str, str]
 
-    def load(self, kind: str = "pairs") -> DatasetDict:
+    def load(self, kind: str = "pairs") -> "DatasetDict":
         """Train/test datasets of `pairs` or `kto`; raises SnapshotCorrupted if altered."""
         return files.load(Path(self.path), self.files, kind)
 
