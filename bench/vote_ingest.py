@@ -17,8 +17,10 @@ once; that stays under the default day cap of 500 per voter (which is checked, a
 production) as long as answers <= 500. Afterwards the votes table is counted:
 acknowledged (items answered 200) vs stored rows.
 
-The last line of output is one JSON object of the figures, with the gateway's CPU
-time per acknowledged vote in each phase (its share of the machine, apart).
+The last line of output is one JSON object of the figures, with the CPU time per
+acknowledged vote in each phase of the gateway, of the scratch database's Postgres
+backends and of this process (the load generator): where a vote's cost goes, apart
+from the share of the machine each got.
 """
 
 import argparse
@@ -91,6 +93,32 @@ def cpu_seconds(pid: int) -> float:
     which a busy machine inflates far less than it depresses the throughput."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def backends(db: str) -> list[int]:
+    """The Postgres backends serving the scratch database (the gateway's pool)."""
+    rows = query(
+        db,
+        "SELECT pid FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    return [int(r["pid"]) for r in rows]
+
+
+def postgres_cpu(db: str, before: dict[int, float] | None = None) -> dict[int, float]:
+    """CPU seconds of each backend of the scratch database (a backend gone meanwhile
+    is not counted; one started meanwhile counts from zero)."""
+    out: dict[int, float] = {}
+    for pid in backends(db):
+        try:
+            out[pid] = cpu_seconds(pid)
+        except OSError:
+            continue
+    return out
+
+
+def spent(before: dict[int, float], after: dict[int, float]) -> float:
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
 
 
 def pairs(answers: list[str], users: int, start: int = 0) -> Iterator[tuple[str, str]]:
@@ -178,6 +206,12 @@ async def batch_phase(
     }
 
 
+def per_vote(seconds: float, phase: dict[str, object]) -> float:
+    acknowledged = phase["acknowledged"]
+    assert isinstance(acknowledged, int)
+    return round(1000 * seconds / max(1, acknowledged), 3)
+
+
 def make_answers(url: str, secret: str, n: int) -> list[str]:
     """Real answers, made and logged by the gateway (1 token each, 8 at a time)."""
 
@@ -249,14 +283,17 @@ def main() -> None:
             print(f"{len(answers)} answers made", flush=True)
             todo = pairs(answers, args.users)
             warm = asyncio.run(single_phase(gw.url, secret, todo, args.clients, 1.0))
-            cpu = cpu_seconds(gw.process.pid)
+            cpu, own, pg = cpu_seconds(gw.process.pid), time.process_time(), postgres_cpu(db)
             single = asyncio.run(single_phase(gw.url, secret, todo, args.clients, args.seconds))
-            single_cpu, cpu = cpu_seconds(gw.process.pid) - cpu, cpu_seconds(gw.process.pid)
+            single_cpu = cpu_seconds(gw.process.pid) - cpu
+            single_own, single_pg = time.process_time() - own, spent(pg, postgres_cpu(db))
             print(f"single: {single}", flush=True)
+            cpu, own, pg = cpu_seconds(gw.process.pid), time.process_time(), postgres_cpu(db)
             batch = asyncio.run(
                 batch_phase(gw.url, secret, todo, args.batch_clients, args.seconds, args.batch)
             )
             batch_cpu = cpu_seconds(gw.process.pid) - cpu
+            batch_own, batch_pg = time.process_time() - own, spent(pg, postgres_cpu(db))
             print(f"batch: {batch}", flush=True)
             spooled = drain_spool(gw.url)
         finally:
@@ -280,6 +317,10 @@ def main() -> None:
             1000 * batch_cpu / max(1, int(batch["acknowledged"])),  # type: ignore[call-overload]
             3,
         ),
+        "single_postgres_cpu_ms_per_vote": per_vote(single_pg, single),
+        "single_bench_cpu_ms_per_vote": per_vote(single_own, single),
+        "batch_postgres_cpu_ms_per_vote": per_vote(batch_pg, batch),
+        "batch_bench_cpu_ms_per_vote": per_vote(batch_own, batch),
         "spooled_at_end": spooled,
         "acknowledged": acknowledged,
         "stored": stored,

@@ -9,7 +9,9 @@ one machine share that one embedded server.
 import asyncio
 import json
 import logging
+import select
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,11 +89,40 @@ def make_pool(
         min_size=1,
         max_size=max_size,
         open=False,
-        check=AsyncConnectionPool.check_connection,
+        check=check_connection,
         name="ratchet",
         timeout=acquire_timeout,
         kwargs={"connect_timeout": connect_timeout},
     )
+
+
+# A connection is checked with a round trip at most this often; in between, for free.
+FULL_CHECK_EVERY = 10.0
+_checked: "weakref.WeakKeyDictionary[psycopg.AsyncConnection, float]" = weakref.WeakKeyDictionary()
+
+
+async def check_connection(conn: psycopg.AsyncConnection) -> None:
+    """The pool's check on every checkout, without a round trip in the common case.
+
+    A connection the server closed (a restart, a shutdown, a terminated backend) has
+    its error or end of stream waiting on its idle socket: a socket with something to
+    read, a connection psycopg already knows broken, or one not checked in the last
+    `FULL_CHECK_EVERY` seconds gets the round trip (`SELECT ''`) and is replaced when
+    it fails. A connection lost silently (no FIN: a network partition) is noticed by
+    its next statement, which fails or times out; writers then spool (feedback.log)."""
+    if conn.closed or conn.broken:
+        raise psycopg.OperationalError("the connection is closed")
+    now = time.monotonic()
+    if now - _checked.get(conn, 0.0) < FULL_CHECK_EVERY and not _readable(conn.fileno()):
+        return
+    await AsyncConnectionPool.check_connection(conn)
+    _checked[conn] = now
+
+
+def _readable(fd: int) -> bool:
+    """Whether an idle connection's socket has something to read (an error, or EOF)."""
+    ready, _, _ = select.select([fd], [], [], 0)
+    return bool(ready)
 
 
 def unavailable(exc: BaseException) -> bool:
