@@ -121,8 +121,10 @@ async def check_connection(conn: psycopg.AsyncConnection) -> None:
 
 def _readable(fd: int) -> bool:
     """Whether an idle connection's socket has something to read (an error, or EOF)."""
-    ready, _, _ = select.select([fd], [], [], 0)
-    return bool(ready)
+    # poll, not select: select() refuses descriptors above 1023, which a busy gateway has.
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(0))
 
 
 def unavailable(exc: BaseException) -> bool:
