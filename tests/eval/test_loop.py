@@ -37,11 +37,14 @@ TOPICS = [
 STYLE = "Short answer:"
 # What marks an answer as written in the chosen style: its opening or its closing words.
 MARKERS = ("short answer", "all there is to say")
-TRAIN = ["--learning-rate", "2e-4", "--max-steps", "40", "--batch-size", "4"]
-# Per offline benchmark (the default is 300). Here they check the wiring (every task
-# scored, per item, for every model); what passes or fails these adapters is held-out
-# preference, over the snapshot's own pairs.
-ITEMS = 20
+# 16 steps at 5e-4 move every held-out greedy answer to the chosen style (27 of 27,
+# measured); 40 at 2e-4 did the same in 2.5 times the time.
+STEPS = 16
+TRAIN = ["--learning-rate", "5e-4", "--max-steps", str(STEPS), "--batch-size", "4"]
+# Per offline benchmark (the default is 300; 10 is the least the settings allow). Here
+# they check the wiring (every task scored, per item, for every model); what passes or
+# fails these adapters is held-out preference, over the snapshot's own pairs.
+ITEMS = 10
 # Two trainings and three models scored: longer than the suite's per-test limit.
 pytestmark = pytest.mark.timeout(2700)
 ARTIFACTS = Path(os.environ.get("RATCHET_TEST_ARTIFACTS", ROOT / "test-artifacts"))
@@ -51,7 +54,7 @@ def styled(text: str) -> bool:
     return any(marker in text.lower() for marker in MARKERS)
 
 
-def ask(gateway: Gateway, key: str, model: str, topic: str, max_tokens: int = 40) -> str:
+def ask(gateway: Gateway, key: str, model: str, topic: str, max_tokens: int = 24) -> str:
     response = httpx.post(
         gateway.url + "/v1/chat/completions",
         headers=auth(key),
@@ -89,7 +92,8 @@ def env(gateway_env: dict[str, str], gateway: Gateway, data_dir: Path) -> dict[s
         "RATCHET_ENGINE_URL": gateway.engine_url,
         "RATCHET_PAIRS__HELD_OUT_FRACTION": "0.5",
         "RATCHET_EVAL__ITEMS": str(ITEMS),
-        "RATCHET_EVAL__DIFF_MAX_TOKENS": "48",  # the chosen style is short; 128 by default
+        # The chosen style shows in its opening words; 128 by default.
+        "RATCHET_EVAL__DIFF_MAX_TOKENS": "32",
     }
 
 
@@ -143,13 +147,13 @@ def loop(
 
 def test_training_produces_a_candidate_with_its_card(loop: dict[str, Any], data_dir: Path) -> None:
     run_row, adapter = loop["run"], loop["adapter"]
-    assert run_row["status"] == "succeeded" and run_row["step"] == 40
+    assert run_row["status"] == "succeeded" and run_row["step"] == STEPS
     # Its evaluation was queued, row first: the reason names the row the worker ran.
     assert run_row["reason"] == f"awaiting evaluation {loop['evaluations'][0]['id']}"
     path = Path(adapter["path"])
     assert path.parent == data_dir / "adapters" and adapter_sha256(path) == adapter["sha256"]
     card = json.loads((path / CARD).read_text())
-    assert card["snapshot_id"] == run_row["snapshot_id"] and card["steps"] == 40
+    assert card["snapshot_id"] == run_row["snapshot_id"] and card["steps"] == STEPS
     assert not list((data_dir / "adapters").glob(".work-*"))
 
 
@@ -171,7 +175,7 @@ def test_the_helpful_adapter_passes_the_gate(loop: dict[str, Any], database_url:
     assert sum(styled(d["candidate"]["text"]) for d in held_out) > len(held_out) / 2
     assert not any(styled(d["production"]["text"]) for d in held_out)
     assert report["training_card"]["run_id"] == loop["run"]["id"]
-    assert len([p for p in report["training_curve"] if "loss" in p]) == 40
+    assert len([p for p in report["training_curve"] if "loss" in p]) == STEPS
     items = query(
         database_url,
         "SELECT suite, count(*) AS n FROM eval_items WHERE evaluation_id = %s GROUP BY suite",
@@ -198,7 +202,7 @@ def harmful(
         data = snapshots.require(conn, snapshot_id).load("pairs")
     swapped = data.rename_columns({"chosen": "rejected", "rejected": "chosen"})
     # Fewer steps than the helpful one: unlearning the preference takes less.
-    config = TrainConfig(learning_rate=2e-4, max_steps=16, batch_size=4)
+    config = TrainConfig(learning_rate=5e-4, max_steps=8, batch_size=4)
     result = train(str(base_model_dir), swapped, config, tmp_path_factory.mktemp("swapped"))
     sha, stored = registry.store_files(result.adapter_dir, data_dir / "adapters")
 

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from ratchet.settings import Settings
 from serve.app import create_app
-from tests.helpers import RATCHET, Gateway, auth, query
+from tests.helpers import RATCHET, Gateway, auth, fresh_database, make_key, query
 from tests.trainer.test_crash_recovery import seed_pairs
 from trainer.jobs import nightly
 
@@ -20,13 +20,31 @@ FAST = {"max_steps": 2, "batch_size": 2, "min_pairs": 4}
 
 
 @pytest.fixture(scope="module")
-def settings(database_url: str, base_model_dir: Path, data_dir: Path) -> Settings:
-    return Settings(database_url=database_url, data_dir=data_dir, base_model=str(base_model_dir))
+def jobs_db(server_url: str) -> Iterator[str]:
+    """A database of this module's own: `worker --once` runs every queued job, and the
+    shared one holds evaluations that other modules' trainings queued."""
+    with fresh_database(server_url) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
-def client(settings: Settings, gateway: Gateway, database_url: str) -> Iterator[TestClient]:
-    seed_pairs(database_url)
+def jobs_ops(jobs_db: str) -> tuple[str, str]:
+    return make_key(jobs_db, "ops")
+
+
+@pytest.fixture(scope="module")
+def jobs_chat(jobs_db: str) -> tuple[str, str]:
+    return make_key(jobs_db, "chat")
+
+
+@pytest.fixture(scope="module")
+def settings(jobs_db: str, base_model_dir: Path, data_dir: Path) -> Settings:
+    return Settings(database_url=jobs_db, data_dir=data_dir, base_model=str(base_model_dir))
+
+
+@pytest.fixture(scope="module")
+def client(settings: Settings, gateway: Gateway, jobs_db: str) -> Iterator[TestClient]:
+    seed_pairs(jobs_db)
     assert settings.database_url
     with TestClient(
         create_app(settings, settings.database_url, engine_url=gateway.engine_url)
@@ -34,8 +52,8 @@ def client(settings: Settings, gateway: Gateway, database_url: str) -> Iterator[
         yield test_client
 
 
-def run_count(database_url: str) -> int:
-    return int(query(database_url, "SELECT count(*) AS n FROM runs")[0]["n"])
+def run_count(conninfo: str) -> int:
+    return int(query(conninfo, "SELECT count(*) AS n FROM runs")[0]["n"])
 
 
 @pytest.mark.parametrize(
@@ -51,27 +69,28 @@ def run_count(database_url: str) -> int:
 )
 def test_bad_retrain_requests_create_no_run(
     client: TestClient,
-    ops_key: tuple[str, str],
-    database_url: str,
+    jobs_ops: tuple[str, str],
+    jobs_db: str,
     body: dict[str, object],
     status: int,
     param: str,
 ) -> None:
-    before = run_count(database_url)
-    response = client.post("/v1/admin/retrain", json=body, headers=auth(ops_key[1]))
+    before = run_count(jobs_db)
+    response = client.post("/v1/admin/retrain", json=body, headers=auth(jobs_ops[1]))
     assert response.status_code == status, response.text
     assert response.json()["error"]["param"] == param
-    assert run_count(database_url) == before
+    assert run_count(jobs_db) == before
 
 
 def test_one_training_at_a_time_status_and_cancel(
-    client: TestClient, ops_key: tuple[str, str], chat_key: tuple[str, str]
+    client: TestClient, jobs_ops: tuple[str, str], jobs_chat: tuple[str, str]
 ) -> None:
-    assert client.post("/v1/admin/retrain", json=FAST, headers=auth(chat_key[1])).status_code == 403
+    chat = client.post("/v1/admin/retrain", json=FAST, headers=auth(jobs_chat[1]))
+    assert chat.status_code == 403
     with ThreadPoolExecutor(2) as pool:
         answers = list(
             pool.map(
-                lambda _: client.post("/v1/admin/retrain", json=FAST, headers=auth(ops_key[1])),
+                lambda _: client.post("/v1/admin/retrain", json=FAST, headers=auth(jobs_ops[1])),
                 range(2),
             )
         )
@@ -82,31 +101,32 @@ def test_one_training_at_a_time_status_and_cancel(
     assert refused.headers["location"] == f"/v1/admin/runs/{accepted['id']}"
     assert accepted["status"] == "queued" and accepted["params"]["job_id"]
 
-    shown = client.get(f"/v1/admin/runs/{accepted['id']}", headers=auth(ops_key[1])).json()
+    shown = client.get(f"/v1/admin/runs/{accepted['id']}", headers=auth(jobs_ops[1])).json()
     assert shown["status"] == "queued"
-    cancelled = client.post(f"/v1/admin/runs/{accepted['id']}/cancel", headers=auth(ops_key[1]))
+    cancelled = client.post(f"/v1/admin/runs/{accepted['id']}/cancel", headers=auth(jobs_ops[1]))
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
-    again = client.post(f"/v1/admin/runs/{accepted['id']}/cancel", headers=auth(ops_key[1]))
+    again = client.post(f"/v1/admin/runs/{accepted['id']}/cancel", headers=auth(jobs_ops[1]))
     assert again.status_code == 409 and again.json()["error"]["code"] == "run_finished"
-    missing = client.get("/v1/admin/runs/999999", headers=auth(ops_key[1]))
+    missing = client.get("/v1/admin/runs/999999", headers=auth(jobs_ops[1]))
     assert missing.status_code == 404
-    listed = client.get("/v1/admin/runs", headers=auth(ops_key[1])).json()["data"]
+    listed = client.get("/v1/admin/runs", headers=auth(jobs_ops[1])).json()["data"]
     assert accepted["id"] in [r["id"] for r in listed]
 
 
 def test_worker_runs_the_queued_training(
     client: TestClient,
-    ops_key: tuple[str, str],
+    jobs_ops: tuple[str, str],
     gateway_env: dict[str, str],
     data_dir: Path,
-    database_url: str,
+    jobs_db: str,
 ) -> None:
-    queued = client.post("/v1/admin/retrain", json=FAST, headers=auth(ops_key[1]))
+    queued = client.post("/v1/admin/retrain", json=FAST, headers=auth(jobs_ops[1]))
     assert queued.status_code == 202, queued.text
     run_id = queued.json()["id"]
     env = {
         **os.environ,
         **gateway_env,
+        "DATABASE_URL": jobs_db,
         "RATCHET_DATA_DIR": str(data_dir),
         "RATCHET_ENGINE_URL": client.app.state.services.engines.first().base_url,  # type: ignore[attr-defined]
         "RATCHET_EVAL__TASKS": "[]",
@@ -116,12 +136,12 @@ def test_worker_runs_the_queued_training(
         [RATCHET, "worker", "--once"], env=env, capture_output=True, text=True, timeout=600
     )
     assert worker.returncode == 0, worker.stderr[-3000:]
-    done = client.get(f"/v1/admin/runs/{run_id}", headers=auth(ops_key[1])).json()
+    done = client.get(f"/v1/admin/runs/{run_id}", headers=auth(jobs_ops[1])).json()
     assert done["status"] == "succeeded", done
     assert (done["step"], done["total_steps"], done["progress"]) == (2, 2, 1.0)
     assert "loss" in done["metrics"] and done["adapter_id"]
     jobs = query(
-        database_url,
+        jobs_db,
         "SELECT status FROM procrastinate_jobs WHERE id = %s",
         done["params"]["job_id"],
     )
@@ -129,7 +149,7 @@ def test_worker_runs_the_queued_training(
     # The candidate's evaluation was queued and run by the same worker: a decided
     # report (benchmarks are left out here; the gate tests run them).
     evaluation = query(
-        database_url, "SELECT * FROM evaluations WHERE adapter_id = %s", done["adapter_id"]
+        jobs_db, "SELECT * FROM evaluations WHERE adapter_id = %s", done["adapter_id"]
     )
     assert evaluation and evaluation[0]["status"] == "succeeded", evaluation
     assert evaluation[0]["decision"] in ("pass", "fail") and evaluation[0]["reasons"]
@@ -137,10 +157,10 @@ def test_worker_runs_the_queued_training(
 
 
 def test_nightly_skips_below_min_new_pairs(
-    settings: Settings, client: TestClient, ops_key: tuple[str, str]
+    settings: Settings, client: TestClient, jobs_ops: tuple[str, str]
 ) -> None:
     assert settings.database_url
     run = nightly(settings.model_copy(update={"min_new_pairs": 10**6}), settings.database_url)
     assert run.status == "skipped" and "new pairs since the last run" in (run.reason or "")
-    shown = client.get(f"/v1/admin/runs/{run.id}", headers=auth(ops_key[1])).json()
+    shown = client.get(f"/v1/admin/runs/{run.id}", headers=auth(jobs_ops[1])).json()
     assert shown["status"] == "skipped"
