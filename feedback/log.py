@@ -42,6 +42,7 @@ from feedback.errors import (
     UnknownCompletion,
     VoteCapExceeded,
 )
+from feedback.group_commit import GroupCommit
 from feedback.spool import Entry, Spool, SpoolFile, SpoolFull, read_batch
 from feedback.voters import Caller, Voter, VoteRules
 from feedback.votes import Ballot
@@ -114,6 +115,7 @@ class AnswerLog:
         self._answers = _Recent()  # completion id -> its owner (Voter)
         self._comparisons = _Recent()  # comparison id -> _Compared
         self._replay: asyncio.Task[None] | None = None
+        self._groups = GroupCommit(self._votes_now)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -140,6 +142,7 @@ class AnswerLog:
         return not self.spooling
 
     async def aclose(self) -> None:
+        await self._groups.aclose()
         if self._replay is not None:
             self._replay.cancel()
             await asyncio.gather(self._replay, return_exceptions=True)
@@ -192,10 +195,20 @@ class AnswerLog:
     async def votes(
         self, ballots: Sequence[tuple[Ballot, Caller]], rules: VoteRules
     ) -> list[VoteReceipt | FeedbackError]:
-        """Record votes in one transaction, each checked as `vote` checks one: a
-        refused one (UnknownCompletion, NotTheOwner, VoteCapExceeded, or while the
-        database is down StorageUnavailable) stores nothing and stops no other.
-        VoterBusy, or the database and spool both unavailable, refuses them all."""
+        """Record votes, each checked as `vote` checks one: a refused one
+        (UnknownCompletion, NotTheOwner, VoteCapExceeded, or while the database is
+        down StorageUnavailable) stores nothing and stops no other. VoterBusy, or the
+        database and spool both unavailable, refuses them all.
+
+        Group commit: votes that arrive while another group is being written wait
+        for it and go together in the next transaction (one commit for many clients);
+        a lone vote is written at once."""
+        return await self._groups.submit(list(ballots), rules)
+
+    async def _votes_now(
+        self, ballots: Sequence[tuple[Ballot, Caller]], rules: VoteRules
+    ) -> list[VoteReceipt | FeedbackError]:
+        """One transaction for all of `ballots` (see `votes`)."""
         at = datetime.now(UTC)
 
         async def direct(conn: AsyncConnection) -> list[VoteReceipt | FeedbackError]:
@@ -220,7 +233,10 @@ class AnswerLog:
         self, ballot: Ballot, caller: Caller, rules: VoteRules
     ) -> VoteReceipt | FeedbackError:
         try:
-            return await self.vote(ballot, caller, rules)
+            (done,) = await self._votes_now([(ballot, caller)], rules)
+            if isinstance(done, FeedbackError):
+                raise done
+            return done
         except (UnknownCompletion, NotTheOwner, VoteCapExceeded) as exc:
             return exc
 
