@@ -3,6 +3,7 @@ request's failure does not fail the others it was grouped with."""
 
 import asyncio
 import time
+import uuid
 
 import psycopg
 import pytest
@@ -18,8 +19,8 @@ from tests.helpers import query
 RULES = VoteRules("any", 500)
 
 
-def ballot(log_answer: object, rating: int = 1) -> Ballot:
-    return Ballot(completion_id=log_answer, rating=rating)  # type: ignore[arg-type]
+def ballot(answer: uuid.UUID, rating: int = 1) -> Ballot:
+    return Ballot(completion_id=answer, rating=rating)
 
 
 async def close(log: AnswerLog) -> None:
