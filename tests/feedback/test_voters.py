@@ -2,11 +2,13 @@
 Postgres through the feedback functions (no gateway: the rules, not the HTTP)."""
 
 import asyncio
+import hashlib
 import os
 import subprocess
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
@@ -15,7 +17,7 @@ from psycopg.types.json import Jsonb
 
 from feedback import comparisons, votes
 from feedback.errors import NotTheOwner, UnknownComparison, UnknownCompletion, VoteCapExceeded
-from feedback.pairs.build import preview
+from feedback.pairs.build import build, preview
 from feedback.prompts import prompt_sha256
 from feedback.voters import Caller, Voter, VoteRules
 from feedback.votes import Ballot
@@ -152,6 +154,38 @@ def test_the_builder_caps_what_one_voter_makes(db: psycopg.Connection[Any], pair
     # The floor keeps small honest snapshots whole.
     floored = preview(pairs_url, PairSettings(max_voter_share=0.5, min_voter_pairs=10))
     assert floored.pairs["correction"] == 12
+
+
+def test_the_voter_cap_ranks_each_voter_s_pairs_by_their_hash(
+    db: psycopg.Connection[Any], pairs_url: str, tmp_path: Path
+) -> None:
+    """Thumbs pairs rest on every voter of both answers. A heavy voter behind all 30
+    pairs keeps its first 3 (by the pair's hash), a medium one behind 10 keeps 6, and
+    one-pair voters are never ranked; the result matches a reference computed here."""
+    order: dict[int, str] = {}  # prompt -> the pair's hash, as the builder orders pairs
+    for i in range(30):
+        good, bad = f"Good answer {i}" + f.LONG, f"Bad answer {i}" + f.LONG
+        up, down = f.answer(db, f"Question {i}?", good), f.answer(db, f"Question {i}?", bad)
+        voters = ["hank", f"light{i}"] + (["mia"] if i < 10 else [])
+        for voter in voters:
+            f.vote(db, up, 1, voter)
+            f.vote(db, down, -1, voter)
+        sha = prompt_sha256(f.messages(f"Question {i}?"))
+        ch, rh = (hashlib.md5(t.lower().encode()).hexdigest() for t in (good, bad))
+        key = hashlib.md5(f"{sha}:{ch}:{rh}".encode()).hexdigest()  # the pair's key
+        order[i] = hashlib.md5(key.encode()).hexdigest()
+    # share 0.25: at most a third of the others' pairs, and never fewer than 3.
+    settings = PairSettings(max_voter_share=0.25, min_voter_pairs=3)
+    hank = sorted(range(30), key=order.__getitem__)
+    mia = sorted(range(10), key=order.__getitem__)
+    kept = set(hank[:3]) - set(mia[max(3, (30 - 10) // 3) :])
+    assert kept  # the reference keeps some pairs, and not the same ones in cid order
+    built = preview(pairs_url, settings)
+    assert built.pairs["thumbs"] == len(kept)
+    assert built.dropped_pairs["voter_cap"] == 30 - len(kept)
+    snapshot = build(pairs_url, settings, tmp_path / "snapshots")
+    chosen = db.execute("SELECT chosen FROM pairs WHERE snapshot_id = %s", (snapshot.id,))
+    assert {row[0] for row in chosen} == {f"Good answer {i}" + f.LONG for i in kept}
 
 
 def test_data_stats_shows_the_top_voters(db: psycopg.Connection[Any], pairs_url: str) -> None:
