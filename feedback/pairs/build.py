@@ -124,7 +124,7 @@ def _counts(conn: Connection[dict[str, Any]], snapshot_id: int) -> Counts:
     assert one is not None
     dropped_answers = grouped(
         "SELECT coalesce(dropped, 'net_zero') AS k, count(*) AS n FROM answers"
-        " WHERE dropped IS NOT NULL OR (net = 0 AND cardinality(vote_ids) > 0) GROUP BY 1"
+        " WHERE dropped IS NOT NULL OR (net = 0 AND votes > 0) GROUP BY 1"
     )
     dropped_pairs = grouped(
         "SELECT k, sum(n) AS n FROM ("

@@ -73,18 +73,17 @@ def answers(conn: Connection[Any], p: dict[str, Any]) -> None:
         f"""
         CREATE TEMP TABLE answers ON COMMIT DROP AS
         WITH scored AS (
-            SELECT completion_id AS id, sum(rating)::int AS net,
-                   array_agg(id ORDER BY id) AS vote_ids
+            SELECT completion_id AS id, sum(rating)::int AS net, count(*)::int AS votes
             FROM votes GROUP BY completion_id
         ), compared AS (
             SELECT completion_a AS id FROM comparisons WHERE choice IS NOT NULL
             UNION SELECT completion_b FROM comparisons WHERE choice IS NOT NULL
         ), touched AS (
             SELECT coalesce(s.id, x.id) AS id, coalesce(s.net, 0) AS net,
-                   coalesce(s.vote_ids, '{{}}') AS vote_ids
+                   coalesce(s.votes, 0) AS votes
             FROM scored s FULL JOIN compared x ON x.id = s.id
         ), checked AS (
-            SELECT c.id, c.prompt_sha256, c.output, t.net, t.vote_ids,
+            SELECT c.id, c.prompt_sha256, c.output, t.net, t.votes,
                    CASE
                      WHEN c.status <> 'complete' OR c.output IS NULL THEN 'incomplete_answer'
                      WHEN NOT (%(all_models)s OR c.adapter_id IS NULL
@@ -97,7 +96,7 @@ def answers(conn: Connection[Any], p: dict[str, Any]) -> None:
         )
         SELECT id, prompt_sha256,
                CASE WHEN dropped IS NULL THEN md5({_norm("output")}) ELSE '' END AS norm,
-               net, vote_ids, dropped
+               net, votes, dropped
         FROM checked
         """,
         p,
@@ -112,7 +111,7 @@ def answers(conn: Connection[Any], p: dict[str, Any]) -> None:
             chosen_text text,  -- only when the chosen text is no logged answer (corrections)
             ch text NOT NULL, rh text NOT NULL,  -- md5 of the normalized texts
             -- the vote behind a correction; a thumbs pair rests on every vote on its two
-            -- answers (`answers.vote_ids`), a choice on its comparison
+            -- answers (all their votes), a choice on its comparison
             vote_id bigint,
             comparison_id uuid, dropped text,
             -- last: the rules insert by position
@@ -326,11 +325,12 @@ def merge(conn: Connection[Any], p: dict[str, Any], snapshot_id: int) -> None:
         """
         INSERT INTO pair_sources (snapshot_id, pair_id, completion_id, vote_ids, comparison_id)
         -- thumbs: every vote on either answer (links made distinct: merged duplicates
-        -- can share an answer)
-        SELECT %(snapshot)s, l.pair_id, a.id, a.vote_ids, NULL::uuid
+        -- can share an answer), read here for the few answers kept, by index
+        SELECT %(snapshot)s, l.pair_id, l.id,
+               (SELECT array_agg(v.id ORDER BY v.id) FROM votes v WHERE v.completion_id = l.id),
+               NULL::uuid
         FROM (SELECT pair_id, chosen_id AS id FROM kept WHERE rule = 'thumbs'
               UNION SELECT pair_id, rejected_id FROM kept WHERE rule = 'thumbs') l
-        JOIN answers a ON a.id = l.id
         UNION ALL  -- corrections: the vote that carried the correction
         SELECT %(snapshot)s, pair_id, rejected_id, ARRAY[vote_id], NULL
         FROM kept WHERE rule = 'correction'
