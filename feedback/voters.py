@@ -23,15 +23,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 from psycopg import AsyncConnection, errors
-from pydantic import BaseModel, ConfigDict
 
 from feedback.errors import NotTheOwner, VoteCapExceeded, VoterBusy
 
 PerAnswer = Literal["owner", "any"]
 
 
-class Voter(BaseModel):
-    model_config = ConfigDict(frozen=True)
+@dataclass(frozen=True, slots=True)
+class Voter:
+    """(key, end user). A plain dataclass: it is made and hashed several times for
+    every vote (a frozen pydantic model cost 4% of the gateway's time on single votes)."""
 
     key_id: uuid.UUID | None
     end_user: str
