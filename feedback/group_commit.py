@@ -53,8 +53,7 @@ class GroupCommit(Generic[Item, Outcome, Rules]):
         self.writers = writers
         self._queue: list[_Request[Item, Outcome, Rules]] = []
         self._writing: set[asyncio.Task[None]] = set()
-        self.groups = 0  # transactions written, for tests and metrics
-        self.grouped = 0  # requests that shared one with another
+        self.groups = 0  # transactions written
 
     async def submit(self, items: list[Item], rules: Rules) -> list[Outcome]:
         """The outcomes of `items`, written with whatever else is queued meanwhile."""
@@ -114,7 +113,6 @@ class GroupCommit(Generic[Item, Outcome, Rules]):
             for request in group:
                 await self._write_alone(request)
             return
-        self.grouped += len(group) if len(group) > 1 else 0
         start = 0
         for request in group:
             request.settle(outcomes[start : start + len(request.items)])
