@@ -181,10 +181,12 @@ def thumbs_pairs(conn: Connection[Any], p: dict[str, Any]) -> None:
             SELECT u.prompt_sha256, u.id AS up_id, d.id AS down_id, u.norm AS up_norm,
                    d.norm AS down_norm,
                    -- identical texts are ranked apart: they must not take a capped slot.
-                   -- (Partitions need only equality, so the hash is compared bytewise; the
-                   -- tie-break hash as a uuid sorts as its hex text does.)
+                   -- (Partitions need only equality, so the hash is compared bytewise.
+                   -- The tie-break hashes the two uuids as they are: md5 of their text
+                   -- took 1.4 s of 3.7 s at 1M votes.)
                    row_number() OVER (PARTITION BY u.prompt_sha256 COLLATE "C", u.norm = d.norm
-                       ORDER BY u.net - d.net DESC, md5(u.id::text || d.id::text)::uuid) AS rank
+                       ORDER BY u.net - d.net DESC,
+                                uuid_hash_extended(d.id, uuid_hash_extended(u.id, 0))) AS rank
             FROM answers u JOIN answers d ON d.prompt_sha256 = u.prompt_sha256
             WHERE u.net > 0 AND d.net < 0 AND u.dropped IS NULL AND d.dropped IS NULL
         ) r
