@@ -111,18 +111,9 @@ class GroupCommit(Generic[Item, Outcome, Rules]):
                 return
             log.info("a grouped write failed (%r); writing its requests one by one", exc)
             for request in group:
-                await self._write_alone(request)
+                await self._write_group([request])  # alone: settles its own error
             return
         start = 0
         for request in group:
             request.settle(outcomes[start : start + len(request.items)])
             start += len(request.items)
-
-    async def _write_alone(self, request: _Request[Item, Outcome, Rules]) -> None:
-        self.groups += 1
-        try:
-            outcomes = await self._write(request.items, request.rules)
-        except Exception as exc:
-            request.settle(exc)
-        else:
-            request.settle(outcomes)
