@@ -5,7 +5,7 @@ PY := .venv/bin/python
 EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 # Named by the content of the lock and of this file, not their dates: a checkout that
 # touches them without changing them installs nothing.
-STAMP := .venv/.installed-$(EXTRA)-$(shell cat locks/$(EXTRA).txt Makefile | sha256sum | cut -c1-16)
+STAMP := .venv/.installed-$(EXTRA)-$(shell cat locks/$(EXTRA).txt Makefile pyproject.toml | sha256sum | cut -c1-16)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 UV := .venv/bin/uv
 UV_VERSION := 0.13.8
