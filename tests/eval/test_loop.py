@@ -26,20 +26,20 @@ from ratchet.settings import Settings
 from tests.browser import CHROMIUM_ARGS, chromium
 from tests.helpers import RATCHET, ROOT, Gateway, auth, query
 
+# 32 prompts, 40% held out: 19 train the adapter, and 13 are the held-out pairs of the
+# preference test and of the greedy diff (with the 32 regression prompts, 45 diffs).
 TOPICS = [
     "cats", "dogs", "rivers", "mountains", "bread", "music", "trains", "coffee", "winter",
-    "books", "gardens", "bees", "stars", "rain", "clocks", "maps", "bridges", "owls", "tea",
-    "salt", "boats", "forests", "candles", "kites", "volcanoes", "apples", "bicycles",
-    "deserts", "lighthouses", "snow", "frogs", "castles", "pianos", "tigers", "islands",
-    "honey", "rockets", "caves", "whales", "lamps", "cheese", "storms", "violins", "ants",
-    "glaciers", "pencils", "horses", "sails",
+    "books", "gardens", "bees", "stars", "rain", "clocks", "maps", "bridges", "owls",
+    "tea", "salt", "boats", "forests", "candles", "kites", "volcanoes", "apples",
+    "bicycles", "deserts", "lighthouses", "snow", "frogs", "castles",
 ]  # fmt: skip
 STYLE = "Short answer:"
 # What marks an answer as written in the chosen style: its opening or its closing words.
 MARKERS = ("short answer", "all there is to say")
-# 16 steps at 5e-4 move every held-out greedy answer to the chosen style (27 of 27,
-# measured); 40 at 2e-4 did the same in 2.5 times the time.
-STEPS = 16
+# 10 steps at 5e-4 move 12 of 13 held-out greedy answers to the chosen style (16 steps
+# moved all; 40 at 2e-4 did the same in 4 times the time).
+STEPS = 10
 TRAIN = ["--learning-rate", "5e-4", "--max-steps", str(STEPS), "--batch-size", "4"]
 # Per offline benchmark (the default is 300; 10 is the least the settings allow). Here
 # they check the wiring (every task scored, per item, for every model); what passes or
@@ -90,10 +90,10 @@ def env(gateway_env: dict[str, str], gateway: Gateway, data_dir: Path) -> dict[s
         **gateway_env,
         "RATCHET_DATA_DIR": str(data_dir),
         "RATCHET_ENGINE_URL": gateway.engine_url,
-        "RATCHET_PAIRS__HELD_OUT_FRACTION": "0.5",
+        "RATCHET_PAIRS__HELD_OUT_FRACTION": "0.4",
         "RATCHET_EVAL__ITEMS": str(ITEMS),
         # The chosen style shows in its opening words; 128 by default.
-        "RATCHET_EVAL__DIFF_MAX_TOKENS": "32",
+        "RATCHET_EVAL__DIFF_MAX_TOKENS": "16",
     }
 
 
@@ -118,7 +118,8 @@ def loop(
             json={
                 "model": "production",
                 "temperature": 0,
-                "max_tokens": 40,
+                # The rejected answers: every training step and log-prob pays for their length.
+                "max_tokens": 24,
                 "messages": [{"role": "user", "content": f"Tell me about {topic}."}],
                 "user": "coach",  # the end user who then votes on it
             },
@@ -202,7 +203,7 @@ def harmful(
         data = snapshots.require(conn, snapshot_id).load("pairs")
     swapped = data.rename_columns({"chosen": "rejected", "rejected": "chosen"})
     # Fewer steps than the helpful one: unlearning the preference takes less.
-    config = TrainConfig(learning_rate=5e-4, max_steps=8, batch_size=4)
+    config = TrainConfig(learning_rate=5e-4, max_steps=4, batch_size=4)
     result = train(str(base_model_dir), swapped, config, tmp_path_factory.mktemp("swapped"))
     sha, stored = registry.store_files(result.adapter_dir, data_dir / "adapters")
 
@@ -212,7 +213,11 @@ def harmful(
                                     snapshot_id=snapshot_id)  # fmt: skip
 
     asyncio.run(register())
-    done = run(["eval", sha[:12]], env)
+    # What this gate run must show is the failed preference and how it is reported; the
+    # benchmarks' and the diff's wiring is the helpful run's to check, so one task and
+    # short greedy answers do here.
+    quick = {"RATCHET_EVAL__TASKS": '["ratchet_arc_easy"]', "RATCHET_EVAL__DIFF_MAX_TOKENS": "8"}
+    done = run(["eval", sha[:12]], env | quick)
     return {"sha": sha, "summary": json.loads(done.stdout.strip().splitlines()[-1]),
             "stderr": done.stderr}  # fmt: skip
 
@@ -228,7 +233,17 @@ def test_the_swapped_adapter_fails_the_gate_naming_the_criteria(
     evaluation = query(database_url, "SELECT * FROM evaluations WHERE id = %s",
                        summary["evaluation_id"])[0]  # fmt: skip
     pref = evaluation["report"]["preference"]
-    assert pref["candidate"] < pref["production"]  # it learned the opposite preference
+    # It learned the opposite preference: its implicit reward (log-ratio to the base)
+    # ranks rejected above chosen on every held-out pair. An adapter that learned
+    # nothing would tie (margin 0), and production ranks none right either.
+    scored = query(database_url, "SELECT candidate AS c FROM eval_items WHERE evaluation_id"
+                   " = %s AND suite = 'preference'", evaluation["id"])  # fmt: skip
+    margins = [
+        (r["c"]["chosen"] - r["c"]["base_chosen"]) - (r["c"]["rejected"] - r["c"]["base_rejected"])
+        for r in scored
+    ]
+    assert len(margins) == pref["n"] >= 10 and all(m < 0 for m in margins), margins
+    assert pref["candidate"] == 0.0 and pref["ci_high"] <= 0
     assert "✘ preference" in harmful["stderr"]  # progress and verdict for the person at the CLI
     markdown = run(["report", str(summary["evaluation_id"]), "--format", "md"], env).stdout
     assert markdown.startswith(f"# Promotion report {summary['evaluation_id']}: **FAIL**")
