@@ -10,12 +10,12 @@ day counts and live votes, then one upsert. A single vote is a batch of one.
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any
 
 from psycopg import AsyncConnection, errors
-from psycopg.rows import class_row
+from psycopg.rows import args_row
 from pydantic import BaseModel
 
 from feedback import voters
@@ -29,7 +29,11 @@ from feedback.errors import (
 from feedback.voters import Caller, Voter, VoteRules
 
 
-class Vote(BaseModel):
+@dataclass(frozen=True, slots=True)
+class Vote:
+    """A stored vote, as its row. A dataclass, not a model: a batch reads hundreds
+    (validating each again cost more than the rest of the batch's bookkeeping)."""
+
     id: int
     completion_id: uuid.UUID
     end_user: str
@@ -167,8 +171,8 @@ def _outcomes(
         updated = pair in seen or vote.updated_at != vote.created_at
         seen.add(pair)
         if rows[pair] is not ballot:  # replaced later in this batch: answer what it said
-            said = {"rating": ballot.rating, "comment": ballot.comment}
-            vote = vote.model_copy(update={**said, "correction": ballot.correction})
+            comment, correction = ballot.comment, ballot.correction
+            vote = replace(vote, rating=ballot.rating, comment=comment, correction=correction)
         out.append(Cast(vote=vote, updated=updated))
     return out
 
@@ -207,8 +211,8 @@ async def _owners_locked(
 ) -> dict[uuid.UUID, Voter]:
     ask = [
         {
-            "id": b.completion_id,
-            "caller": c.key_id,
+            "id": str(b.completion_id),
+            "caller": voters.key_text(c.key_id),
             "ops": c.ops,
             "named": c.user,
             "own": c.as_owner,
@@ -234,11 +238,8 @@ async def _state(
     async with conn.pipeline():
         counted = await conn.execute(voters.DAY_COUNTS, voters.day_count_params(who))
         cur = await conn.execute(
-            "SELECT v.completion_id, v.key_id, v.end_user FROM votes v"
-            " JOIN jsonb_to_recordset(%s::jsonb) AS p(c uuid, k uuid, u text)"
-            " ON v.completion_id = p.c AND v.key_id IS NOT DISTINCT FROM p.k"
-            " AND v.end_user = p.u",
-            (_json([{"c": c, "k": v.key_id, "u": v.end_user} for c, v in pairs]),),
+            _LIVE_PAIRS,
+            (_json([{"c": str(c), "k": v.key_text, "u": v.end_user} for c, v in pairs]),),
         )
         counts = await counted.fetchall()
         rows = await cur.fetchall()
@@ -247,12 +248,32 @@ async def _state(
     return found, live
 
 
+# Which of the pairs have a live vote: one probe of the voter index per pair.
+# (`key_id IS NOT DISTINCT FROM` cannot be an index condition: it made this a hash
+# join over a scan of the whole votes table, once per batch; LATERAL keeps the
+# planner from hashing the subquery over such a scan too.)
+_LIVE_PAIRS = (
+    "SELECT p.c, p.k, p.u FROM jsonb_to_recordset(%s::jsonb) AS p(c uuid, k uuid, u text),"
+    " LATERAL (SELECT 1 FROM votes v"
+    "  WHERE v.completion_id = p.c AND v.key_id = p.k AND v.end_user = p.u"
+    "  UNION ALL SELECT 1 FROM votes v WHERE p.k IS NULL"
+    "  AND v.completion_id = p.c AND v.key_id IS NULL AND v.end_user = p.u LIMIT 1) AS l"
+)
+
+
+def _same_key(key_id: uuid.UUID | None) -> str:
+    """The condition on `key_id` for one voter, as an index condition: `IS NOT
+    DISTINCT FROM` a parameter is not one (a generic plan then reads every vote on
+    the answer)."""
+    return "key_id IS NULL" if key_id is None else "key_id = %(k)s"
+
+
 # One vote under its voter's lock: the day cap and the upsert in one statement. It is
 # stored when the voter already voted on the answer (a replacement is free) or cast
 # fewer than the cap in the last 24 hours; the counts come back either way.
-_CAST_ONE = (
+_CAST_ONE_SQL = (
     "WITH live AS (SELECT 1 FROM votes WHERE completion_id = %(c)s"
-    "  AND key_id IS NOT DISTINCT FROM %(k)s AND end_user = %(u)s),"
+    "  AND {same_key} AND end_user = %(u)s),"
     " mine AS ("
     " SELECT created_at AS at FROM votes WHERE key_id = %(k)s AND end_user = %(u)s"
     "  AND created_at > now() - interval '1 day'"
@@ -274,6 +295,10 @@ _CAST_ONE = (
     " SELECT ins.*, EXISTS (SELECT 1 FROM live) AS live, (SELECT wait FROM used) AS wait"
     " FROM (SELECT 1) AS one LEFT JOIN ins ON true"
 )
+_CAST_ONE = {
+    keyless: _CAST_ONE_SQL.format(same_key=_same_key(None if keyless else uuid.UUID(int=0)))
+    for keyless in (False, True)
+}
 
 
 async def _cast_one(
@@ -293,14 +318,14 @@ async def _cast_one(
         "cap": rules.per_voter_per_day,
     }
     try:
-        cur = await conn.execute(_CAST_ONE, params)
+        cur = await conn.execute(_CAST_ONE[voter.key_id is None], params)
         row = await cur.fetchone()
     except errors.ForeignKeyViolation as exc:
         raise UnknownCompletion(f"no completion with id {ballot.completion_id}") from exc
     assert row is not None
     *columns, live, wait = row
     if columns[0] is not None:
-        vote = Vote(**dict(zip(Vote.model_fields, columns, strict=True)))
+        vote = Vote(*columns)
         return Cast(vote=vote, updated=live or vote.updated_at != vote.created_at)
     if live:  # a later vote is stored already; it stands
         stood = await _live(conn, ballot.completion_id, voter)
@@ -318,7 +343,7 @@ async def _upsert_many(
         return {}
     items = list(rows.items())
     try:
-        async with conn.cursor(row_factory=class_row(Vote)) as cur:
+        async with conn.cursor(row_factory=args_row(Vote)) as cur:
             await cur.execute(
                 "INSERT INTO votes (completion_id, end_user, key_id, rating, comment,"
                 " correction, created_at, updated_at)"
@@ -328,7 +353,7 @@ async def _upsert_many(
                 " rating = EXCLUDED.rating, comment = EXCLUDED.comment,"
                 " correction = EXCLUDED.correction, updated_at = EXCLUDED.updated_at"
                 " WHERE votes.updated_at <= EXCLUDED.updated_at"
-                " RETURNING *",
+                " RETURNING " + _VOTE_COLUMNS,
                 (at, at, _json([_row(pair, ballot) for pair, ballot in items])),
             )
             votes = await cur.fetchall()
@@ -359,7 +384,7 @@ async def upsert(
     `at` is when the gateway accepted it: a vote replayed late from the spool never
     replaces one accepted after it (last accepted wins, whatever the write order)."""
     try:
-        async with conn.cursor(row_factory=class_row(Vote)) as cur:
+        async with conn.cursor(row_factory=args_row(Vote)) as cur:
             await cur.execute(
                 "INSERT INTO votes (completion_id, end_user, key_id, rating, comment, correction,"
                 " created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s,"
@@ -368,7 +393,7 @@ async def upsert(
                 " rating = EXCLUDED.rating, comment = EXCLUDED.comment,"
                 " correction = EXCLUDED.correction, updated_at = EXCLUDED.updated_at"
                 " WHERE votes.updated_at <= EXCLUDED.updated_at"
-                " RETURNING *",
+                " RETURNING " + _VOTE_COLUMNS,
                 (completion_id, end_user, key_id, rating, comment, correction, at, at),
             )
             vote = await cur.fetchone()
@@ -380,12 +405,15 @@ async def upsert(
     return vote
 
 
+_VOTE_COLUMNS = ", ".join(f.name for f in fields(Vote))  # in Vote's order (args_row)
+
+
 def _row(pair: tuple[uuid.UUID, Voter], ballot: Ballot) -> dict[str, object]:
     completion_id, voter = pair
     return {
-        "c": completion_id,
+        "c": str(completion_id),
         "u": voter.end_user,
-        "k": voter.key_id,
+        "k": voter.key_text,
         "r": ballot.rating,
         "cm": ballot.comment,
         "cr": ballot.correction,
@@ -399,10 +427,13 @@ def _json(rows: list[dict[str, Any]]) -> str:
 
 
 async def _live(conn: AsyncConnection, completion_id: uuid.UUID, voter: Voter) -> Vote | None:
-    async with conn.cursor(row_factory=class_row(Vote)) as cur:
+    async with conn.cursor(row_factory=args_row(Vote)) as cur:
         await cur.execute(
-            "SELECT * FROM votes WHERE completion_id = %s AND key_id IS NOT DISTINCT FROM %s"
-            " AND end_user = %s",
-            (completion_id, voter.key_id, voter.end_user),
+            "SELECT "
+            + _VOTE_COLUMNS
+            + " FROM votes WHERE completion_id = %(c)s AND "
+            + _same_key(voter.key_id)
+            + " AND end_user = %(u)s",
+            {"c": completion_id, "k": voter.key_id, "u": voter.end_user},
         )
         return await cur.fetchone()
