@@ -19,7 +19,7 @@ from collections.abc import Collection
 from typing import Annotated, Any, Literal
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from serve.errors import InvalidRequest, is_json, unsupported_parameter
 
@@ -88,6 +88,11 @@ async def clean_body(request: Request) -> None:
         )
 
 
+# Validation context for a part of a request body that `clean_body` has walked (a
+# batch's items): walking each again would double the work for nothing.
+WALKED: dict[str, bool] = {"walked": True}
+
+
 class CleanInput(BaseModel):
     """The base of every request body: refuses what `unclean` finds, so that a body
     built in code is held to the same rule as one the gateway parsed (which the
@@ -95,7 +100,9 @@ class CleanInput(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _clean(cls, data: Any) -> Any:
+    def _clean(cls, data: Any, info: ValidationInfo) -> Any:
+        if info.context is WALKED:
+            return data  # part of a body `clean_body` has walked already
         found = unclean(data)
         if found:
             path, why = found

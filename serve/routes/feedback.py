@@ -42,6 +42,7 @@ from serve.errors import (
 )
 from serve.ids import COMPARISON_ID, COMPLETION_ID
 from serve.protocol import (
+    WALKED,
     ChoiceRequest,
     ChoiceResponse,
     ComparisonRequest,
@@ -167,7 +168,8 @@ def _token(item: Any) -> str | None:
 def _item(item: Any) -> FeedbackRequest:
     """One vote of a batch, refused as the single call refuses its body."""
     try:
-        return FeedbackRequest.model_validate(item, from_attributes=True)  # as FastAPI does
+        # As FastAPI does; the batch's body has been through `clean_body` already.
+        return FeedbackRequest.model_validate(item, from_attributes=True, context=WALKED)
     except ValidationError as exc:
         raise _item_error(exc) from exc
 
