@@ -1,6 +1,7 @@
 """`ratchet serve`: database, migrations, engine supervisor and gateway in one process."""
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -72,11 +73,31 @@ class GracefulServer(uvicorn.Server):
         self.loop = asyncio.get_running_loop()
         await super().serve(sockets)
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        quiet_garbage_collector()
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.should_exit and self.loop is not None:
             # A signal handler may not touch the loop directly.
             self.loop.call_soon_threadsafe(self.on_exit)
         super().handle_exit(sig, frame)
+
+
+# Generation thresholds once the gateway has started (CPython's default: 700, 10, 10).
+GC_THRESHOLDS = (100_000, 100, 1_000)
+
+
+def quiet_garbage_collector() -> None:
+    """Keep the cycle collector off the request path. What start-up built (modules,
+    the app, pools, settings) lives as long as the process, yet every full collection
+    walked all of it: under load, those pauses made single votes' p99 three times
+    their median. Frozen, it is skipped; rarer collections cost less CPU a request
+    (bench/vote_ingest.py: p99 101 → 31 ms, batched votes 8,300 → 9,100/s). Only for
+    `ratchet serve`'s own process: a frozen object is never collected."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
