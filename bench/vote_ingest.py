@@ -17,7 +17,9 @@ once; that stays under the default day cap of 500 per voter (which is checked, a
 production) as long as answers <= 500. Afterwards the votes table is counted:
 acknowledged (items answered 200) vs stored rows.
 
-The last line of output is one JSON object of the figures, with the CPU time per
+`yardstick_s` is a fixed Python workload timed before and after the run (see
+`yardstick`): the machine's speed for this kind of work drifts. The last line of
+output is one JSON object of the figures, with the CPU time per
 acknowledged vote in each phase of the gateway, of the scratch database's Postgres
 backends and of this process (the load generator): where a vote's cost goes, apart
 from the share of the machine each got.
@@ -31,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -248,6 +251,19 @@ def drain_spool(url: str, timeout: float = 300.0) -> int:
     return first or 0
 
 
+def yardstick() -> float:
+    """Seconds for a fixed pure-Python workload of the gateway's kind (UUIDs, hashed
+    tuples, dicts, JSON). This machine's speed for such work drifts by 2x from one
+    hour to the next while a plain arithmetic loop stays put; runs are comparable
+    only at a similar yardstick."""
+    started = time.perf_counter()
+    ids = [uuid.UUID(int=i * 7919) for i in range(100_000)]
+    table = {(u, str(i)): i for i, u in enumerate(ids)}
+    rows = [{"c": str(u), "n": table[(u, str(i))]} for i, u in enumerate(ids)]
+    json.loads(json.dumps(rows))
+    return round(time.perf_counter() - started, 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--engine-url", default=os.environ.get("RATCHET_ENGINE_URL"))
@@ -263,6 +279,7 @@ def main() -> None:
     model_dir = Path(settings.base_model_ref)
     if not settings.base_model:
         prepare_default(model_dir)
+    yardstick_before = yardstick()
     server = os.environ.get("DATABASE_URL", DEFAULT_SERVER)
     with fresh_database(server, "ratchet_bench_votes") as db, tempfile.TemporaryDirectory() as tmp:
         unlimited = Limits(rpm=100_000_000, tpm=2_000_000_000, concurrency=10_000)
@@ -325,6 +342,7 @@ def main() -> None:
         "acknowledged": acknowledged,
         "stored": stored,
         "cores": os.cpu_count(),
+        "yardstick_s": (yardstick_before, yardstick()),
     }
     print(json.dumps(figures))
 
