@@ -261,11 +261,10 @@ _LIVE_PAIRS = (
 )
 
 
-def _same_key(key_id: uuid.UUID | None) -> str:
-    """The condition on `key_id` for one voter, as an index condition: `IS NOT
-    DISTINCT FROM` a parameter is not one (a generic plan then reads every vote on
-    the answer)."""
-    return "key_id IS NULL" if key_id is None else "key_id = %(k)s"
+# The condition on `key_id` for one voter, by whether it has none, as an index
+# condition: `IS NOT DISTINCT FROM` a parameter is not one (a generic plan then reads
+# every vote on the answer).
+_SAME_KEY = {False: "key_id = %(k)s", True: "key_id IS NULL"}
 
 
 # One vote under its voter's lock: the day cap and the upsert in one statement. It is
@@ -295,10 +294,7 @@ _CAST_ONE_SQL = (
     " SELECT ins.*, EXISTS (SELECT 1 FROM live) AS live, (SELECT wait FROM used) AS wait"
     " FROM (SELECT 1) AS one LEFT JOIN ins ON true"
 )
-_CAST_ONE = {
-    keyless: _CAST_ONE_SQL.format(same_key=_same_key(None if keyless else uuid.UUID(int=0)))
-    for keyless in (False, True)
-}
+_CAST_ONE = {keyless: _CAST_ONE_SQL.format(same_key=sql) for keyless, sql in _SAME_KEY.items()}
 
 
 async def _cast_one(
@@ -432,7 +428,7 @@ async def _live(conn: AsyncConnection, completion_id: uuid.UUID, voter: Voter) -
             "SELECT "
             + _VOTE_COLUMNS
             + " FROM votes WHERE completion_id = %(c)s AND "
-            + _same_key(voter.key_id)
+            + _SAME_KEY[voter.key_id is None]
             + " AND end_user = %(u)s",
             {"c": completion_id, "k": voter.key_id, "u": voter.end_user},
         )
