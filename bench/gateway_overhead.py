@@ -13,7 +13,8 @@ tokens.
 
 Figures: throughput ratio (gateway tok/s over direct tok/s, non-streamed and
 streamed), p50 latency added under that load, and p50 added to a lone 1-token
-request (the gateway's own cost, without queueing noise). The last line of output
+request (the gateway's own cost, without queueing noise), also as the median of
+paired differences with a bootstrap 95% interval. The last line of output
 is one JSON object of the figures (`--only-idle`: the lone-request ones alone).
 """
 
@@ -21,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -94,8 +96,10 @@ async def round_(
     return sum(t for _, t in results) / wall, [lat for lat, _ in results]
 
 
-async def probe(direct: tuple[str, str], gateway: tuple[str, str], n: int) -> tuple[float, float]:
-    """Lone 1-token requests, alternating; return p50 latency (direct, gateway) in ms."""
+async def probe(
+    direct: tuple[str, str], gateway: tuple[str, str], n: int
+) -> dict[str, float | list[float]]:
+    """Lone 1-token requests, alternating direct / gateway; the lone-request figures."""
     lat: dict[str, list[float]] = {"d": [], "g": []}
     async with httpx.AsyncClient(timeout=60) as client:
         for i in range(2 * n):
@@ -104,9 +108,29 @@ async def probe(direct: tuple[str, str], gateway: tuple[str, str], n: int) -> tu
             latency, _ = await one(client, url + "/v1/chat/completions", KEY, body)
             if i >= 4:  # warm-up
                 lat[side].append(latency * 1000)
-    return statistics.median(lat["d"]), statistics.median(lat["g"])
+    return lone_figures(lat["d"], lat["g"])
 
 
+def lone_figures(direct: list[float], gateway: list[float]) -> dict[str, float | list[float]]:
+    """The difference of the two sides' medians (the published figure), and the median
+    of the paired differences (each gateway request minus the direct one sent just
+    before it) with a bootstrap 95% interval. The pairing cancels the machine's drift
+    between requests; the interval says how far a run's figure can be trusted."""
+    diffs = [g - d for d, g in zip(direct, gateway, strict=False)]
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(diffs, k=len(diffs))) for _ in range(BOOTSTRAP))
+    return {
+        "idle_direct_p50_ms": round(statistics.median(direct), 2),
+        "idle_added_p50_ms": round(statistics.median(gateway) - statistics.median(direct), 2),
+        "idle_added_paired_p50_ms": round(statistics.median(diffs), 2),
+        "idle_added_paired_ci95_ms": [
+            round(medians[int(BOOTSTRAP * 0.025)], 2),
+            round(medians[int(BOOTSTRAP * 0.975)], 2),
+        ],
+    }
+
+
+BOOTSTRAP = 2000
 KEY = ""
 
 
@@ -117,7 +141,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--stream-rounds", type=int, default=2, help="streamed rounds per side")
-    parser.add_argument("--probes", type=int, default=60)
+    parser.add_argument("--probes", type=int, default=120, help="lone requests per side")
     parser.add_argument("--engine-url", help="a running vLLM server to use instead of starting one")
     parser.add_argument(
         "--only-idle", action="store_true", help="only the lone requests (a quick check)"
@@ -159,11 +183,11 @@ def main() -> None:
 
 async def measure(
     args: argparse.Namespace, direct: tuple[str, str], gateway: tuple[str, str]
-) -> dict[str, float]:
+) -> dict[str, float | list[float]]:
     sides = {"d": direct, "g": gateway}
     for url, model in (direct, gateway):  # warm-up
         await round_(url, KEY, model, 16, args.concurrency, 16, False)
-    figures: dict[str, float] = {}
+    figures: dict[str, float | list[float]] = {}
     plans = () if args.only_idle else ((False, args.rounds), (True, args.stream_rounds))
     for stream, rounds in plans:
         tps: dict[str, list[float]] = {"d": [], "g": []}
@@ -189,9 +213,7 @@ async def measure(
         figures[prefix + "added_p50_ms"] = round(
             (statistics.median(lats["g"]) - statistics.median(lats["d"])) * 1000, 1
         )
-    d50, g50 = await probe(direct, gateway, args.probes)
-    figures["idle_direct_p50_ms"] = round(d50, 2)
-    figures["idle_added_p50_ms"] = round(g50 - d50, 2)
+    figures.update(await probe(direct, gateway, args.probes))
     return figures
 
 
