@@ -34,11 +34,14 @@ def evaluate(
     assert report is not None
     for criterion in report.decision.criteria:
         mark = "[green]✔[/green]" if criterion.passed else "[red]✘[/red]"
+        if not criterion.informative:
+            mark = "[dim]○[/dim]"  # cannot decide: neither passes nor fails
         err.print(f"{mark} {criterion.name}: {criterion.detail}")
     summary = {
         "evaluation_id": evaluation.id,
         "decision": evaluation.decision,
         "reasons": evaluation.reasons,
+        "uninformative_benchmarks": [b.task for b in report.benchmarks if not b.informative],
         "report_url": f"/reports/{evaluation.id}",
     }
     import json

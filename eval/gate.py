@@ -17,25 +17,55 @@ from ratchet.report import (
 
 
 def benchmark_score(
-    task: str, production: Sequence[bool], candidate: Sequence[bool], policy: Policy
+    task: str,
+    production: Sequence[bool],
+    candidate: Sequence[bool],
+    policy: Policy,
+    chance: float | None = None,
 ) -> BenchmarkScore:
-    """Accuracy of both models on the same items, the paired delta's CI, and McNemar."""
+    """Accuracy of both models on the same items, the paired delta's CI, McNemar, and
+    whether the benchmark can tell anything: it cannot when production's accuracy
+    interval includes `chance` (the accuracy of guessing among each item's choices),
+    nor when its items are too few to detect a regression of the policy's
+    max_regression with the policy's power."""
     prod = [float(x) for x in production]
     cand = [float(x) for x in candidate]
     delta, low, high = stats.paired_bootstrap(prod, cand, *_boot(policy))
     p_value, changed = stats.mcnemar_exact(production, candidate)
+    accuracy = sum(prod) / len(prod)
+    production_ci = stats.bootstrap_ci(prod, *_boot(policy))
+    rule = policy.benchmarks
+    needed = stats.items_to_detect_drop(accuracy, rule.max_regression, policy.alpha, rule.power)
+    because = []
+    at_chance = chance is not None and production_ci[0] <= chance <= production_ci[1]
+    if at_chance:
+        low_acc, high_acc = production_ci
+        because.append(
+            f"production's accuracy {accuracy:.1%} (CI {low_acc:.1%}..{high_acc:.1%})"
+            f" is not above chance ({chance:.1%})"
+        )
+    if len(prod) < needed:
+        because.append(
+            f"{len(prod)} items; detecting a {rule.max_regression:.1%} regression with "
+            f"{rule.power:.0%} power needs {needed}"
+        )
     return BenchmarkScore(
         task=task,
         n=len(prod),
-        production=sum(prod) / len(prod),
+        production=accuracy,
         candidate=sum(cand) / len(cand),
         delta=delta,
         ci_low=low,
         ci_high=high,
-        production_ci=stats.bootstrap_ci(prod, *_boot(policy)),
+        production_ci=production_ci,
         candidate_ci=stats.bootstrap_ci(cand, *_boot(policy)),
         p_value=p_value,
         changed=changed,
+        chance=chance,
+        items_needed=needed,
+        at_chance=at_chance,
+        informative=not because,
+        uninformative_because=because,
     )
 
 
@@ -81,14 +111,17 @@ def decide(
     judged: JudgeResult | None = None,
 ) -> Decision:
     criteria = [_benchmark(b, policy) for b in benchmarks]
+    if policy.benchmarks.min_informative:
+        criteria.append(_enough_benchmarks(benchmarks, policy))
     criteria.append(_preference(pref, policy))
     criteria += _flags(diff, policy)
     if judged is not None:
         criteria.append(_judge(judged, policy))
     failed = [c for c in criteria if not c.passed]
+    evidence = [c for c in criteria if c.informative] or criteria
     return Decision(
         decision="fail" if failed else "pass",
-        reasons=[f"{c.name}: {c.detail}" for c in (failed or criteria)],
+        reasons=[f"{c.name}: {c.detail}" for c in (failed or evidence)],
         criteria=criteria,
     )
 
@@ -99,17 +132,35 @@ def _boot(policy: Policy) -> tuple[int, float]:
 
 
 def _benchmark(b: BenchmarkScore, policy: Policy) -> Criterion:
+    """A benchmark at chance neither passes nor fails: its differences are noise. One
+    only too small to detect a regression of max_regression passes nothing (no
+    regression seen is no evidence), but a significant regression larger than that
+    still fails it: a detection is evidence whatever the power was."""
     tolerance = policy.benchmarks.max_regression
     regressed = b.delta < -tolerance and b.p_value < policy.alpha
     summary = (
         f"accuracy {b.production:.1%} -> {b.candidate:.1%} ({b.delta:+.1%}, "
         f"CI {b.ci_low:+.1%}..{b.ci_high:+.1%}, McNemar p={b.p_value:.3f}, n={b.n})"
     )
-    if regressed:
+    name = f"benchmark:{b.task}"
+    if regressed and not b.at_chance:
         detail = f"significant regression beyond {tolerance:.1%}: {summary}"
-    else:
-        detail = f"no significant regression beyond {tolerance:.1%}: {summary}"
-    return Criterion(name=f"benchmark:{b.task}", passed=not regressed, detail=detail)
+        return Criterion(name=name, passed=False, detail=detail)
+    if not b.informative:
+        detail = f"uninformative ({'; '.join(b.uninformative_because)}): {summary}"
+        return Criterion(name=name, passed=True, detail=detail, informative=False)
+    detail = f"no significant regression beyond {tolerance:.1%}: {summary}"
+    return Criterion(name=name, passed=True, detail=detail)
+
+
+def _enough_benchmarks(benchmarks: Sequence[BenchmarkScore], policy: Policy) -> Criterion:
+    wanted = policy.benchmarks.min_informative
+    informative = [b.task for b in benchmarks if b.informative]
+    detail = (
+        f"{len(informative)} of {len(benchmarks)} benchmarks informative "
+        f"({', '.join(informative) or 'none'}); the policy requires {wanted}"
+    )
+    return Criterion(name="benchmarks", passed=len(informative) >= wanted, detail=detail)
 
 
 def _preference(pref: Preference | None, policy: Policy) -> Criterion:

@@ -17,7 +17,12 @@ class _Strict(BaseModel):
 
 
 class BenchmarkPolicy(_Strict):
-    max_regression: float = Field(default=0.01, ge=0, le=1)
+    max_regression: float = Field(default=0.01, gt=0, lt=1)
+    # The chance of detecting a regression of max_regression that a benchmark needs
+    # to count as informative.
+    power: float = Field(default=0.8, gt=0.5, lt=1)
+    # Fewer informative benchmarks than this fails the gate.
+    min_informative: int = Field(default=0, ge=0)
 
 
 class PreferencePolicy(_Strict):

@@ -211,9 +211,15 @@ async def _benchmarks(
         both = [(p, by_id[p.doc_id]) for p in prod[task] if p.doc_id in by_id]
         for p, c in both:
             items.append((f"benchmark:{task}", str(p.doc_id), _item(p), _item(c)))
+        # Guessing gets 1 in k of an item with k choices right.
+        chance = sum(1 / len(p.logliks) for p, _ in both) / len(both) if both else None
         scores.append(
             gate.benchmark_score(
-                task, [p.correct for p, _ in both], [c.correct for _, c in both], policy
+                task,
+                [p.correct for p, _ in both],
+                [c.correct for _, c in both],
+                policy,
+                chance=chance,
             )
         )
     return scores

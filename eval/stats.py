@@ -6,7 +6,8 @@ percentile bootstrap intervals for differences in rates.
 """
 
 from collections.abc import Sequence
-from math import comb
+from math import ceil, comb, sqrt
+from statistics import NormalDist
 
 import numpy as np
 
@@ -25,6 +26,26 @@ def mcnemar_exact(production: Sequence[bool], candidate: Sequence[bool]) -> tupl
         return 1.0, 0
     tail = sum(comb(n, k) for k in range(min(gains, losses) + 1)) / 2**n
     return min(1.0, 2 * tail), n
+
+
+def items_to_detect_drop(
+    accuracy: float, drop: float, alpha: float = 0.05, power: float = 0.8
+) -> int:
+    """Items needed to detect an accuracy drop of `drop` from `accuracy` with a
+    two-sided test at `alpha` and the given power: the two-proportion sample size
+    without continuity correction (Fleiss, Levin and Paik, Statistical Methods for
+    Rates and Proportions, 3rd ed., 2003).
+
+    The gate's test is paired (McNemar), which needs fewer items when both models get
+    most items alike, so this errs towards calling a benchmark too small."""
+    if not 0 < drop < 1:
+        raise ValueError(f"a drop of {drop} is not a share of items")
+    p1 = min(max(accuracy, drop), 1.0)  # room for the drop, whatever the accuracy
+    p2 = p1 - drop
+    mean = (p1 + p2) / 2
+    z_alpha, z_power = NormalDist().inv_cdf(1 - alpha / 2), NormalDist().inv_cdf(power)
+    spread = z_alpha * sqrt(2 * mean * (1 - mean)) + z_power * sqrt(p1 * (1 - p1) + p2 * (1 - p2))
+    return ceil((spread / drop) ** 2)
 
 
 def paired_bootstrap(

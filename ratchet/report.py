@@ -35,6 +35,13 @@ class BenchmarkScore(BaseModel):
     candidate_ci: tuple[float, float]
     p_value: float  # exact McNemar on the discordant items
     changed: int  # items one model got right and the other wrong
+    # Whether the benchmark can tell anything here; see eval.gate.benchmark_score.
+    # (Defaults: reports stored before these fields existed.)
+    chance: float | None = None  # the accuracy of guessing, from each item's choices
+    items_needed: int | None = None  # to detect the policy's max_regression at its power
+    at_chance: bool = False  # production's accuracy interval includes `chance`
+    informative: bool = True
+    uninformative_because: list[str] = Field(default_factory=list)
 
 
 class Preference(BaseModel):
@@ -97,6 +104,8 @@ class Criterion(BaseModel):
     name: str  # e.g. "benchmark:ratchet_arc_easy", "preference", "flag:repetition"
     passed: bool
     detail: str
+    # False: the evidence cannot decide; it neither passes nor fails the candidate.
+    informative: bool = True
 
 
 class Decision(BaseModel):

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from jinja2 import Environment, FunctionLoader, select_autoescape
 from markupsafe import Markup
 
-from ratchet.report import BenchmarkScore, DiffItem, Report
+from ratchet.report import BenchmarkScore, Criterion, DiffItem, Report
 from ratchet.review import MAX_NOTE_CHARS
 
 Format = Literal["html", "md", "json"]
@@ -54,6 +54,7 @@ def html(
         max_note=MAX_NOTE_CHARS,
         pct=pct,
         diff_html=diff_html,
+        evidence=evidence,
     )
 
 
@@ -150,6 +151,24 @@ def curve_chart(points: list[dict[str, float]]) -> Markup:
     )
 
 
+def mark(c: Criterion) -> str:
+    if not c.informative:
+        return "⚪ uninformative"
+    return "✅" if c.passed else "❌"
+
+
+def evidence(b: BenchmarkScore) -> str:
+    """Whether a benchmark can tell anything, and why not, for the tables."""
+    if b.informative:
+        return "informative"
+    why = []
+    if b.at_chance:
+        why.append(f"at chance ({pct(b.chance or 0)})")
+    if b.items_needed is not None and b.n < b.items_needed:
+        why.append(f"needs {b.items_needed:,} items")
+    return "uninformative: " + ", ".join(why)
+
+
 def markdown(r: Report) -> str:
     lines = [
         f"# Promotion report {r.evaluation_id}: **{r.decision.decision.upper()}**",
@@ -161,19 +180,18 @@ def markdown(r: Report) -> str:
         "## Criteria",
         "",
     ]
-    lines += [
-        f"- {'✅' if c.passed else '❌'} **{c.name}**: {c.detail}" for c in r.decision.criteria
-    ]
+    lines += [f"- {mark(c)} **{c.name}**: {c.detail}" for c in r.decision.criteria]
     lines += [
         "",
         "## Benchmarks",
         "",
-        "| task | n | production | candidate | delta (95% CI) | p |",
-        "|---|---|---|---|---|---|",
+        "| task | n | production | candidate | delta (95% CI) | p | evidence |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {b.task} | {b.n} | {pct(b.production)} | {pct(b.candidate)} | "
-        f"{pct(b.delta, True)} ({pct(b.ci_low, True)}..{pct(b.ci_high, True)}) | {b.p_value:.3f} |"
+        f"{pct(b.delta, True)} ({pct(b.ci_low, True)}..{pct(b.ci_high, True)}) | {b.p_value:.3f} | "
+        f"{evidence(b)} |"
         for b in r.benchmarks
     ]
     if r.preference:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from eval import gate
 from eval.benchdata import (
     BENCHMARKS,
     MANIFEST,
@@ -24,6 +25,8 @@ from eval.benchmarks import (
     run_benchmarks,
 )
 from eval.errors import AdapterNotApplied, BenchmarkDataError, EvalError
+from eval.policy import Policy
+from ratchet.report import FLAGS, DiffSummary, FlagRate
 from tests.helpers import make_lora
 
 ITEMS = 10  # per task (the least the gate allows): about 10 s per model on 2 CPU cores
@@ -186,6 +189,26 @@ def test_results_are_per_item_and_consistent(base_results: Results, eval_dir: Pa
     # The base model is far above chance (25%) on ARC-Easy: the rows and prompts are sane.
     arc_easy = base_results["ratchet_arc_easy"]
     assert sum(r.correct for r in arc_easy) / len(arc_easy) >= 0.4
+
+
+def test_smollm2_is_at_chance_on_arc_challenge_and_mmlu(base_results: Results) -> None:
+    """SmolLM2-135M's own results: ARC-Challenge and MMLU are guesswork for it, so
+    the gate marks them uninformative (they neither pass nor fail a candidate)."""
+    policy = Policy()
+    for task in ("ratchet_arc_challenge", "ratchet_mmlu"):
+        items = base_results[task]
+        chance = sum(1 / len(r.logliks) for r in items) / len(items)
+        assert 0.2 <= chance <= 0.34  # 3 to 5 choices an item
+        correct = [r.correct for r in items]
+        score = gate.benchmark_score(task, correct, correct, policy, chance=chance)
+        assert score.at_chance and not score.informative, score
+        criterion = gate.decide(policy, [score], None, _no_diffs()).criteria[0]
+        assert not criterion.informative and "not above chance" in criterion.detail
+
+
+def _no_diffs() -> DiffSummary:
+    flags = {f: FlagRate(production=0.0, candidate=0.0) for f in FLAGS}
+    return DiffSummary(n=0, identical=1.0, mean_length_ratio=1.0, flags=flags)
 
 
 def test_adapter_results_align_with_base_and_differ(
